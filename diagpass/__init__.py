@@ -1,0 +1,36 @@
+"""diagpass: diagonal (wavefront) batching of recurrent-memory transformers.
+
+``torch.compile(model, backend="diagonal")`` works without importing this
+package (entry point). Importing it also registers the backend, unless the
+entry point already did.
+"""
+
+from diagpass.backend import DiagonalMismatch, Options, diagonal_backend
+from diagpass.counters import counters
+from diagpass.errors import NotBatchable
+from diagpass.explain import explain
+from diagpass.report import DiagonalReport, GraphReport
+
+__all__ = [
+    "DiagonalMismatch",
+    "DiagonalReport",
+    "GraphReport",
+    "NotBatchable",
+    "Options",
+    "counters",
+    "diagonal_backend",
+    "explain",
+]
+__version__ = "0.1.0"
+
+
+def _register() -> None:
+    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
+
+    if "diagonal" not in _COMPILER_FNS:
+        from diagpass._entry import diagonal
+
+        register_backend(name="diagonal")(diagonal)
+
+
+_register()

@@ -1,0 +1,178 @@
+"""The ``diagonal`` torch.compile backend.
+
+    torch.compile(model, backend="diagonal", options={"inner": "inductor"})
+
+Runs partition -> dependence -> schedule -> batch on Dynamo's graph and hands
+the result to the inner compiler. Anything a pass cannot prove safe raises
+``NotBatchable``; the backend then logs the reason on the ``diagpass``
+logger and compiles the graph unchanged. Unexpected errors inside the passes
+are treated the same way: a user never sees a traceback from the pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable, List, Optional
+
+import torch
+import torch.fx as fx
+
+from diagpass.counters import counters
+from diagpass.errors import NotBatchable
+from diagpass.passes.batch import batch_wavefronts
+from diagpass.passes.dependence import build_cell_graph
+from diagpass.passes.partition import partition
+from diagpass.passes.schedule import schedule
+from diagpass.report import GraphReport
+
+log = logging.getLogger("diagpass")
+
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Backend options (``torch.compile(..., options={...})``).
+
+    inner:     compiler for the rewritten graph: "inductor" | "aot_eager" | "eager".
+    min_group: smallest group of identical cells worth one batched call.
+    verify:    on the first call also run the original graph and raise
+               ``DiagonalMismatch`` if outputs differ (rtol/atol below).
+    enabled:   False compiles the graph unchanged (same inner compiler): the
+               sequential baseline.
+    """
+
+    inner: str = "inductor"
+    min_group: int = 2
+    verify: bool = False
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    enabled: bool = True
+
+    @classmethod
+    def from_dict(cls, options: Optional[dict]) -> "Options":
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(
+                f"diagpass: unknown option(s) {unknown}; known options are {sorted(known)}"
+            )
+        opts = cls(**options)
+        if opts.inner not in INNER_COMPILERS:
+            raise ValueError(f"diagpass: options['inner'] must be one of {INNER_COMPILERS}, got {opts.inner!r}")
+        if not isinstance(opts.min_group, int) or opts.min_group < 2:
+            raise ValueError(f"diagpass: options['min_group'] must be an int >= 2, got {opts.min_group!r}")
+        return opts
+
+
+class DiagonalMismatch(AssertionError):
+    """``verify=True`` found the batched graph's outputs differ from the original's."""
+
+
+# Reports of the graphs compiled most recently, newest last (explain reads them).
+reports: List[GraphReport] = []
+
+
+def analyze(gm: fx.GraphModule, options: Options):
+    """Run the passes; return (rewritten gm or None, report)."""
+    report = GraphReport(num_nodes=len(gm.graph.nodes))
+    t0 = time.perf_counter()
+    try:
+        grid = partition(gm)
+        report.num_segments, report.num_layers = grid.num_segments, grid.num_layers
+        graph = build_cell_graph(grid)
+        report.dependence_vectors = sorted(graph.vectors)
+        sched = schedule(grid, graph)
+        report.wavefronts = [list(w.cells) for w in sched.wavefronts]
+        report.groups = [[list(g.cells) for g in w.groups] for w in sched.wavefronts]
+        report.closed_form = str(sched.closed_form) if sched.closed_form is not None else None
+        report.time_function = str(sched.time_function) if sched.time_function is not None else None
+        if sched.reason:
+            raise NotBatchable(sched.reason)
+        if not sched.batched_groups(options.min_group):
+            raise NotBatchable(
+                f"no wavefront has {options.min_group} or more structurally identical cells"
+            )
+        result = batch_wavefronts(grid, sched, options.min_group)
+        if not result.batched_groups:
+            raise NotBatchable("no group could be batched (inputs that cannot be stacked)")
+        _check_with_fake_tensors(result.gm)
+        report.batched_groups = [list(g.cells) for g in result.batched_groups]
+        report.batched = True
+        counters["backend"]["graphs_batched"] += 1
+        return result.gm, report
+    except NotBatchable as e:
+        report.reason = e.reason
+        counters["backend"]["graphs_not_batched"] += 1
+        log.info("diagpass: graph left sequential: %s", e.reason)
+        return None, report
+    except Exception as e:  # noqa: BLE001 - any surprise means: do not rewrite
+        report.reason = f"internal error in the pass, graph left unchanged: {type(e).__name__}: {e}"
+        counters["backend"]["graphs_fallback_error"] += 1
+        log.warning("diagpass: %s", report.reason, exc_info=log.isEnabledFor(logging.DEBUG))
+        return None, report
+    finally:
+        report.timings["passes_s"] = time.perf_counter() - t0
+
+
+def _check_with_fake_tensors(gm: fx.GraphModule) -> None:
+    """Trace the rewritten graph on the placeholders' fake tensors: a batched
+    call that cannot run (an op vmap cannot batch) fails here, not at run time."""
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    fakes = [n.meta.get("example_value") for n in gm.graph.find_nodes(op="placeholder")]
+    mode = next((f.fake_mode for f in fakes if hasattr(f, "fake_mode")), None)
+    if mode is None:
+        raise NotBatchable("placeholders carry no fake tensors to check the rewrite with")
+    try:
+        with mode:
+            FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+    except Exception as e:  # noqa: BLE001
+        raise NotBatchable(f"the batched graph does not trace ({type(e).__name__}: {e})") from e
+
+
+def inner_compile(gm: fx.GraphModule, example_inputs, inner: str) -> Callable:
+    if inner == "eager":
+        return gm.forward
+    if inner == "aot_eager":
+        from torch._dynamo.backends.debugging import aot_eager
+
+        return aot_eager(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
+
+
+def _verified(compiled: Callable, original: fx.GraphModule, opts: Options) -> Callable:
+    state = {"checked": False}
+
+    def run(*args):
+        out = compiled(*args)
+        if not state["checked"]:
+            state["checked"] = True
+            with torch.no_grad():
+                expected = original(*args)
+            try:
+                torch.testing.assert_close(out, expected, rtol=opts.rtol, atol=opts.atol)
+            except AssertionError as e:
+                raise DiagonalMismatch(f"diagpass verify: batched graph differs from the original: {e}") from e
+            counters["backend"]["verified"] += 1
+        return out
+
+    return run
+
+
+def diagonal_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, **kwargs):
+    opts = Options.from_dict({**(options or {}), **kwargs})
+    rewritten, report = analyze(gm, opts) if opts.enabled else (None, GraphReport(reason="disabled by options"))
+    reports.append(report)
+    del reports[:-64]
+    t0 = time.perf_counter()
+    compiled = inner_compile(rewritten if rewritten is not None else gm, example_inputs, opts.inner)
+    report.timings["inner_s"] = time.perf_counter() - t0
+    if opts.verify and rewritten is not None:
+        return _verified(compiled, gm, opts)
+    return compiled

@@ -1,0 +1,171 @@
+"""Pass 4 — batch: one batched call per group of identical cells.
+
+Before (wavefront t = 2 of ARMT, cells (1,1) and (2,0) identical)::
+
+    q_1_1 = linear(h_1_0, layers.1.q.weight) ... A_1_1 = add(A_0_1, ...)
+    q_2_0 = linear(h_2_0, layers.0.q.weight) ... A_2_0 = add(A_1_0, ...)
+
+After::
+
+    w_q     = stack([layers.0.q.weight, ..., layers.{L-1}.q.weight])  # once per call
+    x       = stack([h_1_0, h_2_0])          # inputs that differ per cell
+    w_q_0_1 = w_q[0:2]                       # weights: a view, never a re-stack
+    out     = diag_t2_g0(x, A, w_q_0_1, ...) # BatchedCell: vmap, SDPA folded
+    h_1_1   = out[0][0];  h_2_0' = out[0][1] ...
+
+The new graph is emitted in schedule order: glue that needs no cell first,
+then every wavefront's groups, each followed by the glue it makes ready.
+Groups smaller than ``min_group`` (and cells that must never batch) are
+copied node for node. Inputs shared by every cell of a group (the memory
+embeddings, a mask) are passed once, unstacked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Dict, List, Optional
+
+import torch
+import torch.fx as fx
+
+from diagpass.counters import counters
+from diagpass.ir.cells import Cell, CellGrid
+from diagpass.ir.schedule import Group, Schedule
+from diagpass.passes.dependence import glue_cell_ancestors, quotient_graph
+from diagpass.passes.graph_utils import example_value
+from diagpass.runtime import BatchedCell
+
+
+@dataclasses.dataclass
+class BatchResult:
+    gm: fx.GraphModule
+    batched_groups: List[Group]
+    batched_cells: int
+
+
+def _template(cell: Cell) -> fx.GraphModule:
+    g = fx.Graph()
+    env: Dict[fx.Node, fx.Node] = {}
+    for k, a in enumerate(cell.inputs):
+        ph = g.placeholder(f"in_{k}")
+        ph.meta = dict(a.meta)
+        env[a] = ph
+    for n in cell.nodes:
+        env[n] = g.node_copy(n, lambda x: env[x])
+    g.output(tuple(env[o] for o in cell.outputs))
+    return fx.GraphModule(torch.nn.Module(), g)
+
+
+class _Emitter:
+    """Builds the rewritten graph in schedule order."""
+
+    def __init__(self, grid: CellGrid):
+        self.grid = grid
+        self.graph = fx.Graph()
+        self.env: Dict[fx.Node, fx.Node] = {}
+        self.modules: Dict[str, torch.nn.Module] = {}
+        self.stacks: Dict[str, fx.Node] = {}
+
+    def copy(self, node: fx.Node) -> None:
+        self.env[node] = self.graph.node_copy(node, lambda x: self.env[x])
+
+    def weight_stack(self, role: str) -> fx.Node:
+        if role not in self.stacks:
+            params = [self.env[p] for p in self.grid.stack.by_role(role)]
+            self.stacks[role] = self.graph.call_function(torch.stack, (params,))
+            counters["batch"]["weight_stacks"] += 1
+        return self.stacks[role]
+
+    def group_input(self, nodes: List[fx.Node]):
+        """(value, in_dim) for one input slot across a group, or None."""
+        first = nodes[0]
+        if all(n is first for n in nodes):
+            return self.env[first], None
+        if not all(isinstance(example_value(n), torch.Tensor) for n in nodes):
+            return None  # differing non-tensors (ints, symbols) cannot be stacked
+        stack = self.grid.stack
+        roles = {stack.param_role.get(n) for n in nodes}
+        if len(roles) == 1 and None not in roles:
+            layers = [stack.param_layer[n] for n in nodes]
+            all_w = self.weight_stack(roles.pop())
+            if layers == list(range(layers[0], layers[0] + len(layers))):
+                index = slice(layers[0], layers[-1] + 1)
+            else:
+                index = layers
+            return self.graph.call_function(operator.getitem, (all_w, index)), 0
+        counters["batch"]["stacked_inputs"] += 1
+        return self.graph.call_function(torch.stack, ([self.env[n] for n in nodes],)), 0
+
+    def batched(self, name: str, group: Group) -> bool:
+        cells = [self.grid.cells[c] for c in group.cells]
+        rep = cells[0]
+        args, dims = [], []
+        for k in range(len(rep.inputs)):
+            slot = self.group_input([c.inputs[k] for c in cells])
+            if slot is None:
+                counters["batch"]["groups_skipped_nontensor_input"] += 1
+                return False
+            args.append(slot[0])
+            dims.append(slot[1])
+        self.modules[name] = BatchedCell(_template(rep), dims, len(cells))
+        call = self.graph.call_module(name, tuple(args))
+        for j in range(len(rep.outputs)):
+            stacked = self.graph.call_function(operator.getitem, (call, j))
+            for i, cell in enumerate(cells):
+                self.env[cell.outputs[j]] = self.graph.call_function(operator.getitem, (stacked, i))
+        return True
+
+
+def _glue_buckets(grid: CellGrid, wave_of: Dict) -> Dict[int, List[fx.Node]]:
+    anc = glue_cell_ancestors(grid, quotient_graph(grid))
+    buckets: Dict[int, List[fx.Node]] = {}
+    for node in grid.glue:
+        w = max((wave_of[c] for c in anc.get(node, ())), default=-1)
+        buckets.setdefault(w, []).append(node)
+    return buckets
+
+
+def _lookup(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def batch_wavefronts(grid: CellGrid, sched: Schedule, min_group: int = 2) -> BatchResult:
+    gm = grid.gm
+    wave_of = {c: w.index for w in sched.wavefronts for c in w.cells}
+    buckets = _glue_buckets(grid, wave_of)
+    em = _Emitter(grid)
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            em.copy(node)
+    for node in buckets.get(-1, []):
+        em.copy(node)
+
+    done: List[Group] = []
+    for wave in sched.wavefronts:
+        for j, group in enumerate(wave.groups):
+            batchable = group.size >= min_group and grid.cells[group.cells[0]].signature is not None
+            if batchable and em.batched(f"diag_t{wave.index}_g{j}", group):
+                done.append(group)
+                counters["batch"]["groups"] += 1
+                counters["batch"]["cells"] += group.size
+                continue
+            for cid in group.cells:
+                for node in grid.cells[cid].nodes:
+                    em.copy(node)
+        for node in buckets.get(wave.index, []):
+            em.copy(node)
+    for node in gm.graph.find_nodes(op="output"):
+        em.copy(node)
+
+    root = dict(em.modules)
+    for node in em.graph.nodes:
+        if node.op in ("get_attr", "call_module") and node.target not in root:
+            root[node.target] = _lookup(gm, node.target)
+    em.graph.lint()
+    new_gm = fx.GraphModule(root, em.graph, class_name=type(gm).__name__)
+    new_gm.meta = dict(gm.meta)
+    return BatchResult(new_gm, done, sum(g.size for g in done))

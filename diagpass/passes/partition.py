@@ -1,0 +1,192 @@
+"""Pass 1 — partition: FX node -> Cell(segment, layer) or glue.
+
+Before (Dynamo's unrolled graph, one line per node)::
+
+    emb_0  = embedding(ids_0, emb.weight)              # glue
+    q_0_0  = linear(emb_0, layers.0.q.weight)          # cell (0, 0)
+    ...
+    mem_0_0 = matmul(...)                              # cell (0, 0)
+    q_0_1  = linear(h_0_0, layers.1.q.weight)          # cell (0, 1)
+    ...
+    emb_1  = embedding(ids_1, emb.weight)              # glue
+    read_1_0 = matmul(emb_1, mem_0_0)                  # cell (1, 0)
+
+After: a ``CellGrid`` mapping every compute node to a cell or to glue.
+
+How:
+1. *Layer stack*: parameter placeholders named ``<prefix>.<i>.<role>`` with
+   i = 0..L-1 and the same roles/shapes for every i are the layers' weights.
+   Parallel lists of the same length (``layers.i`` and ``mem.i``) share i.
+2. *Anchors*: a node is anchored to layer i if it reads a layer-i weight or
+   runs inside module ``<prefix>.<i>`` (``nn_module_stack``); both must agree.
+3. *Segments*: in graph (= execution) order, every maximal run of anchors of
+   one layer is one call of that layer; the k-th run is segment k.
+4. *The rest* by dataflow (nearest anchored ancestors ``A`` and descendants
+   ``D``): a node in the middle of one cell (A ∩ D = {c}) joins c; a node fed
+   by exactly one cell and read by later cells (a state update) joins its
+   producer; everything else is glue.
+
+The partition is a heuristic; *correctness* does not rest on it: the
+dependence pass rejects non-convex partitions and the schedule pass only
+batches cells whose subgraphs are identical. A poor partition batches less.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from typing import Dict, List, Optional, Set
+
+import torch
+import torch.fx as fx
+
+from diagpass.counters import counters
+from diagpass.errors import NotBatchable
+from diagpass.ir.cells import Cell, CellGrid, CellId, LayerStack
+from diagpass.passes.graph_utils import example_value, is_compute, module_paths, placeholder_path
+
+_INDEXED = re.compile(r"^(?P<prefix>.*?)\.(?P<idx>\d+)(?:\.(?P<rest>.*))?$")
+
+
+def _signature_of(node: fx.Node):
+    v = example_value(node)
+    if isinstance(v, torch.Tensor):
+        return (tuple(v.shape), v.dtype)
+    return type(v).__name__
+
+
+def find_layer_stack(gm: fx.GraphModule) -> LayerStack:
+    lists: Dict[str, Dict[int, Dict[str, fx.Node]]] = collections.defaultdict(dict)
+    for node in gm.graph.find_nodes(op="placeholder"):
+        path = placeholder_path(node)
+        m = _INDEXED.match(path) if path else None
+        if m is None:
+            continue
+        lists[m["prefix"]].setdefault(int(m["idx"]), {})[m["rest"] or ""] = node
+
+    candidates = {}
+    for prefix, items in lists.items():
+        n = len(items)
+        if n < 2 or sorted(items) != list(range(n)):
+            continue
+        shapes = [{r: _signature_of(p) for r, p in items[i].items()} for i in range(n)]
+        if any(s != shapes[0] for s in shapes[1:]):
+            continue  # layers of different widths/kinds: not one stack
+        candidates[prefix] = items
+    if not candidates:
+        raise NotBatchable(
+            "no stack of identical layers found: expected parameters named "
+            "<list>.<i>.<name> (an nn.ModuleList of layers with equal shapes)"
+        )
+    main = max(candidates, key=lambda p: sum(len(v) for v in candidates[p].values()))
+    num_layers = len(candidates[main])
+    prefixes = sorted(p for p in candidates if len(candidates[p]) == num_layers)
+    param_layer, param_role = {}, {}
+    for prefix in prefixes:
+        for i, roles in candidates[prefix].items():
+            for rest, node in roles.items():
+                param_layer[node] = i
+                param_role[node] = f"{prefix}.*.{rest}" if rest else f"{prefix}.*"
+    return LayerStack(num_layers, prefixes, param_layer, param_role)
+
+
+def _module_layer(node: fx.Node, stack: LayerStack) -> Optional[int]:
+    for path in module_paths(node):
+        for prefix in stack.prefixes:
+            if path.startswith(prefix + "."):
+                head = path[len(prefix) + 1 :].split(".", 1)[0]
+                if head.isdigit():
+                    return int(head)
+    return None
+
+
+def _anchor_layers(gm: fx.GraphModule, stack: LayerStack) -> Dict[fx.Node, int]:
+    anchors: Dict[fx.Node, int] = {}
+    for node in gm.graph.nodes:
+        if not is_compute(node):
+            continue
+        by_params = {stack.param_layer[a] for a in node.all_input_nodes if a in stack.param_layer}
+        by_module = _module_layer(node, stack)
+        if len(by_params) > 1:
+            raise NotBatchable(
+                f"node {node.name} reads weights of layers {sorted(by_params)}: "
+                "layers share computation, cells cannot be separated"
+            )
+        if by_params and by_module is not None and by_params != {by_module}:
+            raise NotBatchable(
+                f"module {stack.prefixes[0]}.{by_module} uses weights of layer "
+                f"{next(iter(by_params))} (node {node.name}): tied or shared layers"
+            )
+        layer = next(iter(by_params)) if by_params else by_module
+        if layer is not None:
+            anchors[node] = layer
+    return anchors
+
+
+def _runs(gm: fx.GraphModule, anchors: Dict[fx.Node, int], num_layers: int) -> Dict[fx.Node, CellId]:
+    seen_runs = [0] * num_layers
+    cell_of: Dict[fx.Node, CellId] = {}
+    previous = None
+    for node in gm.graph.nodes:
+        layer = anchors.get(node)
+        if layer is None:
+            continue
+        if layer != previous:
+            seen_runs[layer] += 1
+            previous = layer
+        cell_of[node] = (seen_runs[layer] - 1, layer)
+    if len(set(seen_runs)) != 1 or seen_runs[0] == 0:
+        raise NotBatchable(
+            "layers are not each called once per segment: calls per layer "
+            f"{seen_runs} (a layer called twice per segment, a layer skipped, or "
+            "interleaved layer code)"
+        )
+    return cell_of
+
+
+def _nearest_anchor_cells(order: List[fx.Node], cell_of: Dict[fx.Node, CellId], edges) -> Dict[fx.Node, Set[CellId]]:
+    near: Dict[fx.Node, Set[CellId]] = {}
+    for node in order:
+        acc: Set[CellId] = set()
+        for other in edges(node):
+            if other in cell_of:
+                acc.add(cell_of[other])
+            else:
+                acc |= near.get(other, set())
+        near[node] = acc
+    return near
+
+
+def partition(gm: fx.GraphModule) -> CellGrid:
+    stack = find_layer_stack(gm)
+    anchors = _anchor_layers(gm, stack)
+    cell_of = _runs(gm, anchors, stack.num_layers)
+    num_segments = max(s for s, _ in cell_of.values()) + 1
+
+    nodes = [n for n in gm.graph.nodes]
+    up = _nearest_anchor_cells(nodes, cell_of, lambda n: n.all_input_nodes)
+    down = _nearest_anchor_cells(nodes[::-1], cell_of, lambda n: list(n.users))
+
+    glue: List[fx.Node] = []
+    for node in nodes:
+        if node in cell_of or not is_compute(node):
+            continue
+        a, d = up[node], down[node]
+        both = a & d
+        if len(both) == 1:
+            cell_of[node] = next(iter(both))
+        elif len(a) == 1 and d and not both:
+            cell_of[node] = next(iter(a))  # tail of the producer (e.g. a state update)
+        else:
+            glue.append(node)
+
+    cells: Dict[CellId, Cell] = {}
+    for node in nodes:
+        cid = cell_of.get(node)
+        if cid is not None:
+            cells.setdefault(cid, Cell(*cid)).nodes.append(node)
+    for cell in cells.values():
+        cell.finalize()
+    counters["partition"]["cells"] += len(cells)
+    counters["partition"]["glue_nodes"] += len(glue)
+    return CellGrid(gm, stack, cells, glue, cell_of, num_segments)

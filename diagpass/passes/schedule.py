@@ -1,0 +1,150 @@
+"""Pass 3 — schedule: wavefronts, groups of identical cells, closed form.
+
+Before: a ``CellGraph``. After: a ``Schedule``. For ARMT with S=3, L=3::
+
+    t=0: [(0,0)]                 groups [[(0,0)]]
+    t=1: [(0,1), (1,0)]          groups [[(0,1)], [(1,0)]]   # segment 0 has no read
+    t=2: [(0,2), (1,1), (2,0)]   groups [[(0,2)], [(1,1), (2,0)]]
+    t=3: [(1,2), (2,1)]          groups [[(1,2), (2,1)]]
+    t=4: [(2,2)]
+    closed form: S + L - 1 (time function t = s + l)
+
+Wavefronts are ``networkx.topological_generations`` of the cell DAG: exact
+for any dependence pattern. The closed form comes from the best *linear*
+schedule t = a*s + b*l over the dependence vectors, solved with sympy in the
+symbols S and L; when it needs as many steps as there are cells it is also
+the explanation of why a model cannot be batched.
+
+Cells are grouped by ``cell_signature``: two cells may share a batched call
+only if their subgraphs are identical op for op (targets, constants, shapes,
+dtypes, which values leave the cell) up to *which* outside values they read.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import networkx as nx
+import sympy
+import torch
+import torch.fx as fx
+
+from diagpass.counters import counters
+from diagpass.ir.cell_graph import CellGraph
+from diagpass.ir.cells import Cell, CellGrid
+from diagpass.ir.schedule import Group, Schedule, Wavefront
+from diagpass.passes.graph_utils import example_value, is_mutation, is_random
+
+S, L = sympy.symbols("S L", positive=True, integer=True)
+_SIMPLE = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+def _value_key(v):
+    if isinstance(v, torch.Tensor):
+        return ("T", tuple(v.shape), v.dtype, v.requires_grad)
+    if isinstance(v, (tuple, list)):
+        return tuple(_value_key(x) for x in v)
+    if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return ("sym", str(v))
+    return (type(v).__name__, repr(v) if isinstance(v, _SIMPLE) else id(v))
+
+
+def cell_signature(cell: Cell, grid: CellGrid) -> Optional[tuple]:
+    """A hashable description that is equal iff two cells compute the same
+    function of their inputs; None if the cell must never be batched."""
+    index = {n: i for i, n in enumerate(cell.nodes)}
+    slots = {n: k for k, n in enumerate(cell.inputs)}
+
+    def enc(a):
+        if isinstance(a, fx.Node):
+            return ("n", index[a]) if a in index else ("in", slots[a])
+        if isinstance(a, (list, tuple)):
+            return (type(a).__name__, tuple(enc(x) for x in a))
+        if isinstance(a, dict):
+            return ("dict", tuple((k, enc(v)) for k, v in a.items()))
+        if isinstance(a, slice):
+            return ("slice", enc(a.start), enc(a.stop), enc(a.step))
+        if isinstance(a, _SIMPLE) or a is Ellipsis:
+            return (type(a).__name__, repr(a))
+        return (type(a).__name__, id(a))  # unknown objects: equal only if identical
+
+    body = []
+    for n in cell.nodes:
+        if is_random(n) or is_mutation(n) or n.op == "call_module":
+            return None
+        body.append((n.op, n.target, enc(n.args), enc(n.kwargs), _value_key(example_value(n))))
+    inputs = tuple(
+        (grid.stack.param_role.get(a), _value_key(example_value(a))) for a in cell.inputs
+    )
+    outputs = tuple(index[o] for o in cell.outputs)
+    return (tuple(body), inputs, outputs)
+
+
+def _symbolic(d: int, num_layers: int):
+    if num_layers > 2 and d == 1 - num_layers:
+        return 1 - L
+    if num_layers > 2 and d == num_layers - 1:
+        return L - 1
+    return sympy.Integer(d)
+
+
+def linear_schedule(graph: CellGraph) -> Tuple[Optional[sympy.Expr], Optional[sympy.Expr], Optional[tuple]]:
+    """Best t = a*s + b*l (b = ±1) for the dependence vectors, in S and L.
+
+    Returns (steps, time function, the vector that bounds a) or Nones if no
+    linear schedule exists.
+    """
+    s, l = sympy.symbols("s l", integer=True)
+    best = None
+    for b in (1, -1):
+        if any(ds == 0 and b * dl < 1 for ds, dl in graph.vectors):
+            continue
+        a, culprit = sympy.Integer(0), None
+        for ds, dl in sorted(graph.vectors):
+            if ds > 0:
+                need = sympy.ceiling((1 - b * _symbolic(dl, graph.num_layers)) / ds)
+                value = need.subs(L, graph.num_layers)
+                if value > a.subs(L, graph.num_layers):
+                    a, culprit = need, (ds, dl)
+        steps = sympy.simplify(a * (S - 1) + (L - 1) + 1)
+        concrete = steps.subs({S: graph.num_segments, L: graph.num_layers})
+        if best is None or concrete < best[0]:
+            best = (concrete, steps, a * s + b * l, culprit)
+    if best is None:
+        return None, None, None
+    return best[1], best[2], best[3]
+
+
+def _reason(graph: CellGraph, steps, culprit) -> str:
+    n = graph.num_segments * graph.num_layers
+    if culprit is None:
+        return f"every cell depends on the previous one: {n} steps for {n} cells"
+    ds, dl = culprit
+    src = f"layer {'L-1' if dl == 1 - graph.num_layers else 'l'}"
+    dst = "layer 0" if dl == 1 - graph.num_layers else f"layer l{dl:+d}"
+    return (
+        f"dependence vector ({ds}, {_symbolic(dl, graph.num_layers)}): {src} of segment s feeds "
+        f"{dst} of segment s+{ds}, so any schedule needs {steps} = "
+        f"{n} steps for {n} cells; no two cells can run together"
+    )
+
+
+def schedule(grid: CellGrid, graph: CellGraph) -> Schedule:
+    signatures = {cid: cell_signature(cell, grid) for cid, cell in grid.cells.items()}
+    for cid, sig in signatures.items():
+        grid.cells[cid].signature = sig
+    wavefronts: List[Wavefront] = []
+    for t, generation in enumerate(nx.topological_generations(graph.dag)):
+        cells = sorted(generation, key=lambda c: (c[1], c[0]))
+        by_sig: Dict[object, List] = {}
+        for cid in cells:
+            key = signatures[cid] if signatures[cid] is not None else ("unique", cid)
+            by_sig.setdefault(key, []).append(cid)
+        groups = [Group(list(g)) for g in by_sig.values()]
+        wavefronts.append(Wavefront(t, cells, groups))
+    steps, time_fn, culprit = linear_schedule(graph)
+    sched = Schedule(wavefronts, graph.num_segments, graph.num_layers, steps, time_fn)
+    if sched.max_width <= 1 and len(grid.cells) > 1:
+        sched.reason = _reason(graph, steps, culprit)
+    counters["schedule"]["wavefronts"] += len(wavefronts)
+    return sched

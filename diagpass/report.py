@@ -1,0 +1,113 @@
+"""What the pass did to one graph, in a form users and tests can read."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional, Tuple
+
+CellId = Tuple[int, int]
+
+
+@dataclasses.dataclass
+class GraphReport:
+    """One FX graph's analysis and rewrite."""
+
+    num_segments: int = 0
+    num_layers: int = 0
+    wavefronts: List[List[CellId]] = dataclasses.field(default_factory=list)
+    groups: List[List[List[CellId]]] = dataclasses.field(default_factory=list)
+    batched_groups: List[List[CellId]] = dataclasses.field(default_factory=list)
+    batched: bool = False
+    reason: Optional[str] = None
+    closed_form: Optional[str] = None
+    time_function: Optional[str] = None
+    dependence_vectors: List[Tuple[int, int]] = dataclasses.field(default_factory=list)
+    num_nodes: int = 0
+    timings: Dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_wavefronts(self) -> int:
+        return len(self.wavefronts)
+
+    def grid(self) -> str:
+        """The S x L grid; each cell shows its wavefront, ``*`` if batched."""
+        if not self.wavefronts:
+            return "(no cells)"
+        wave = {c: t for t, cells in enumerate(self.wavefronts) for c in cells}
+        batched = {c for g in self.batched_groups for c in g}
+        width = max(3, len(str(len(self.wavefronts))) + 2)
+        head = "seg\\layer " + "".join(f"{l:>{width}}" for l in range(self.num_layers))
+        rows = [head]
+        for s in range(self.num_segments):
+            cells = []
+            for l in range(self.num_layers):
+                t = wave.get((s, l))
+                mark = "" if t is None else f"{t}{'*' if (s, l) in batched else ''}"
+                cells.append(f"{mark or '.':>{width}}")
+            rows.append(f"{s:>9} " + "".join(cells))
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        lines = [
+            f"segments S={self.num_segments}, layers L={self.num_layers}, "
+            f"wavefronts={self.num_wavefronts}"
+            + (f" (closed form {self.closed_form}, t = {self.time_function})" if self.closed_form else ""),
+            f"dependence vectors: {sorted(self.dependence_vectors)}",
+            f"batched: {self.batched}"
+            + (f" ({len(self.batched_groups)} batched groups, "
+               f"{sum(len(g) for g in self.batched_groups)} cells)" if self.batched else ""),
+        ]
+        if self.reason:
+            lines.append(f"reason: {self.reason}")
+        if self.wavefronts:
+            lines.append("cell -> wavefront (* = ran in a batched group):")
+            lines.append(self.grid())
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class DiagonalReport:
+    """``diagpass.explain``'s answer: one ``GraphReport`` per Dynamo graph."""
+
+    graphs: List[GraphReport]
+    graph_breaks: List[str] = dataclasses.field(default_factory=list)
+
+    def _main(self) -> GraphReport:
+        if not self.graphs:
+            return GraphReport(reason="Dynamo captured no graph")
+        return max(self.graphs, key=lambda g: (g.num_segments * g.num_layers, g.num_nodes))
+
+    @property
+    def num_segments(self) -> int:
+        return self._main().num_segments
+
+    @property
+    def num_layers(self) -> int:
+        return self._main().num_layers
+
+    @property
+    def wavefronts(self):
+        return self._main().wavefronts
+
+    @property
+    def batched(self) -> bool:
+        return any(g.batched for g in self.graphs)
+
+    @property
+    def reason(self) -> Optional[str]:
+        if self.batched:
+            return None
+        reasons = [g.reason for g in self.graphs if g.reason]
+        if self.graph_breaks:
+            reasons.append("graph breaks split the recurrence: " + "; ".join(self.graph_breaks))
+        return "; ".join(reasons) or "nothing to batch"
+
+    def __str__(self) -> str:
+        parts = [f"DiagonalReport: {len(self.graphs)} graph(s), "
+                 f"{len(self.graph_breaks)} graph break(s)"]
+        for b in self.graph_breaks:
+            parts.append(f"  graph break: {b}")
+        for i, g in enumerate(self.graphs):
+            parts.append(f"--- graph {i} ({g.num_nodes} nodes) ---")
+            parts.append(str(g))
+        return "\n".join(parts)

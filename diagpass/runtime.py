@@ -1,0 +1,184 @@
+"""``BatchedCell``: one cell's subgraph run for a whole group at once.
+
+The rewritten graph calls it as a submodule (FX targets must be importable
+or modules; a vmapped closure is neither). Under AOTAutograd/Inductor it is
+traced away: what reaches Inductor are plain batched aten ops (bmm, batched
+SDPA), forward and backward.
+
+``torch.vmap`` batches the cell over a new leading group dim, except for
+``scaled_dot_product_attention``: on CPU its kernel has no batching rule and
+vmap would fall back to a Python loop, but SDPA already accepts extra leading
+batch dims, so the group dim is folded into the batch instead. The template
+is cut at every SDPA node into pieces; pieces run under vmap, SDPA nodes run
+directly on the stacked tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+
+
+def is_sdpa(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in SDPA_TARGETS
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ref:
+    """A value of the template by name (pieces hold no fx.Node: picklable)."""
+
+    name: str
+
+
+@dataclasses.dataclass
+class _Direct:
+    """One node run directly on stacked values (SDPA)."""
+
+    name: str
+    target: object
+    args: tuple
+    kwargs: dict
+
+
+@dataclasses.dataclass
+class _Piece:
+    gm: Optional[fx.GraphModule]  # None for a direct (SDPA) node
+    node: Optional[_Direct]
+    inputs: List[str]
+    outputs: List[str]
+
+
+def _split_at_sdpa(template: fx.GraphModule) -> Tuple[List[str], List[_Piece], List[str]]:
+    graph = template.graph
+    placeholders = [n.name for n in graph.find_nodes(op="placeholder")]
+    out_node = next(iter(graph.find_nodes(op="output")))
+    final = [a.name for a in out_node.args[0]]
+    body = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
+
+    runs: List[List[fx.Node]] = [[]]
+    for n in body:
+        if is_sdpa(n):
+            runs.append([n])
+            runs.append([])
+        else:
+            runs[-1].append(n)
+    runs = [r for r in runs if r]
+
+    users_after = {}
+    for i, run in enumerate(runs):
+        for n in run:
+            for a in n.all_input_nodes:
+                users_after.setdefault(a.name, set()).add(i)
+    pieces = []
+    for i, run in enumerate(runs):
+        names = {n.name for n in run}
+        inputs = []
+        for n in run:
+            for a in n.all_input_nodes:
+                if a.name not in names and a.name not in inputs:
+                    inputs.append(a.name)
+        outputs = [
+            n.name
+            for n in run
+            if n.name in final or any(j > i for j in users_after.get(n.name, ()))
+        ]
+        if len(run) == 1 and is_sdpa(run[0]):
+            n = run[0]
+            ref = lambda a: _Ref(a.name)  # noqa: E731
+            direct = _Direct(n.name, n.target, fx.map_arg(n.args, ref), fx.map_arg(n.kwargs, ref))
+            pieces.append(_Piece(None, direct, inputs, outputs))
+            continue
+        g = fx.Graph()
+        env = {}
+        for name in inputs:
+            env[name] = g.placeholder(name)
+        for n in run:
+            env[n.name] = g.node_copy(n, lambda a: env[a.name])
+        g.output(tuple(env[o] for o in outputs))
+        pieces.append(_Piece(fx.GraphModule(template, g), None, inputs, outputs))
+    return placeholders, pieces, final
+
+
+class BatchedCell(torch.nn.Module):
+    """Runs ``template`` (one cell: inputs -> tuple of outputs) over a group.
+
+    ``in_dims[k]`` is 0 if input k is stacked over the group (G, ...), None
+    if it is shared by every cell. Every output comes back stacked (G, ...).
+    """
+
+    def __init__(self, template: fx.GraphModule, in_dims: Sequence[Optional[int]], group_size: int):
+        super().__init__()
+        self.template = template
+        self.in_dims = tuple(in_dims)
+        self.group_size = group_size
+        self._placeholders, self._pieces, self._final = _split_at_sdpa(template)
+        for i, p in enumerate(self._pieces):
+            if p.gm is not None:
+                self.add_module(f"piece{i}", p.gm)
+
+    def _stacked(self, value, batched: bool):
+        if batched or not isinstance(value, torch.Tensor):
+            return value
+        return value.expand(self.group_size, *value.shape)
+
+    def forward(self, *args):
+        env = {
+            name: (a, d is not None)
+            for name, a, d in zip(self._placeholders, args, self.in_dims)
+        }
+        for piece in self._pieces:
+            if piece.gm is None:
+                env[piece.node.name] = (self._sdpa(piece.node, env), True)
+                continue
+            values = [env[name] for name in piece.inputs]
+            if not any(b for _, b in values):
+                outs = piece.gm(*[v for v, _ in values])
+                batched = False
+            else:
+                dims = tuple(0 if b else None for _, b in values)
+                outs = torch.vmap(piece.gm, in_dims=dims, out_dims=0)(*[v for v, _ in values])
+                batched = True
+            for name, out in zip(piece.outputs, outs):
+                env[name] = (out, batched)
+        return tuple(self._stacked(*env[name]) for name in self._final)
+
+    def _sdpa(self, node: _Direct, env):
+        """SDPA on stacked (G, B, ...) tensors, the group dim folded into B.
+
+        Folded explicitly (not left to SDPA's own leading-dim support): the
+        CPU decompositions Inductor and AOTAutograd use assume 4-D inputs.
+        """
+        names = ("query", "key", "value", "attn_mask")
+        bound = dict(zip(names, node.args[:4]))
+        bound.update({k: v for k, v in node.kwargs.items() if k in names})
+        rest_args = node.args[4:]
+        rest_kwargs = {k: v for k, v in node.kwargs.items() if k not in names}
+
+        def fetch(a):
+            return env[a.name] if isinstance(a, _Ref) else (a, False)
+
+        G = self.group_size
+        q, k, v = (self._stacked(*fetch(bound[n])) for n in names[:3])
+        lead = q.shape[1] if q.dim() >= 4 else None  # per-cell batch dim, folded into G
+
+        def fold(x):
+            return x if lead is None else x.reshape(G * x.shape[1], *x.shape[2:])
+
+        mask, mask_batched = fetch(bound.get("attn_mask"))
+        if isinstance(mask, torch.Tensor):
+            rank = q.dim() - 1  # per-cell rank of q, which the mask broadcasts against
+            if not mask_batched:
+                mask = mask.reshape(*([1] * (rank - mask.dim())), *mask.shape).unsqueeze(0)
+            else:
+                mask = mask.reshape(G, *([1] * (rank + 1 - mask.dim())), *mask.shape[1:])
+            if lead is not None:
+                mask = mask.expand(G, lead, *mask.shape[2:])
+            mask = fold(mask)
+        out = node.target(fold(q), fold(k), fold(v), mask, *rest_args, **rest_kwargs)
+        return out if lead is None else out.reshape(G, lead, *out.shape[1:])
