@@ -117,6 +117,11 @@ def linear_schedule(graph: CellGraph) -> Tuple[Optional[sympy.Expr], Optional[sy
 
 def _reason(graph: CellGraph, steps, culprit) -> str:
     n = graph.num_segments * graph.num_layers
+    if graph.num_segments == 1:
+        return (
+            "a single segment: its layers run one after another and there is no other "
+            "segment to batch with (diagonal batching needs at least 2 segments)"
+        )
     if culprit is None:
         return f"every cell depends on the previous one: {n} steps for {n} cells"
     ds, dl = culprit

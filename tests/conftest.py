@@ -1,0 +1,36 @@
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# Bounded for CI (2 cores, < 15 min for the whole suite); "thorough" for the
+# long soak recorded in the README. Select with HYPOTHESIS_PROFILE.
+settings.register_profile(
+    "ci",
+    max_examples=int(os.environ.get("DIAGPASS_CI_EXAMPLES", "40")),
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "thorough",
+    max_examples=int(os.environ.get("DIAGPASS_THOROUGH_EXAMPLES", "1000")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("dev", max_examples=10, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Every test starts with empty Dynamo caches and counters."""
+    import diagpass
+
+    torch._dynamo.reset()
+    diagpass.counters.clear()
+    yield
+    torch._dynamo.reset()
