@@ -25,9 +25,19 @@ __version__ = "0.1.0"
 
 
 def _register() -> None:
+    """Register "diagonal" unless Dynamo will load it from our entry point.
+
+    Dynamo's ``lookup_backend`` imports the entry point (which imports this
+    package) and then registers the name itself; registering here as well
+    would fail with "duplicate name". So only a source checkout without
+    installed metadata registers on import.
+    """
+    from importlib.metadata import entry_points
+
     from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
 
-    if "diagonal" not in _COMPILER_FNS:
+    installed = any(ep.name == "diagonal" for ep in entry_points(group="torch_dynamo_backends"))
+    if not installed and "diagonal" not in _COMPILER_FNS:
         from diagpass._entry import diagonal
 
         register_backend(name="diagonal")(diagonal)
