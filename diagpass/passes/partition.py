@@ -43,7 +43,7 @@ import torch.fx as fx
 from diagpass.counters import counters
 from diagpass.errors import NotBatchable
 from diagpass.ir.cells import Cell, CellGrid, CellId, LayerStack
-from diagpass.passes.graph_utils import example_value, is_compute, module_paths, placeholder_path
+from diagpass.passes.graph_utils import example_value, is_compute, is_mutation, module_paths, placeholder_path
 
 _INDEXED = re.compile(r"^(?P<prefix>.*?)\.(?P<idx>\d+)(?:\.(?P<rest>.*))?$")
 
@@ -157,7 +157,19 @@ def _nearest_anchor_cells(order: List[fx.Node], cell_of: Dict[fx.Node, CellId], 
     return near
 
 
+def _refuse_mutation(gm: fx.GraphModule) -> None:
+    # FX edges do not order an in-place op against other readers of the same
+    # tensor, so no schedule other than the original order is provably safe.
+    for node in gm.graph.nodes:
+        if is_mutation(node):
+            raise NotBatchable(
+                f"in-place op {node.target} (node {node.name}) in the graph: reordering "
+                "around it is not provably safe; use the out-of-place op to enable batching"
+            )
+
+
 def partition(gm: fx.GraphModule) -> CellGrid:
+    _refuse_mutation(gm)
     stack = find_layer_stack(gm)
     anchors = _anchor_layers(gm, stack)
     cell_of = _runs(gm, anchors, stack.num_layers)
