@@ -41,7 +41,9 @@ _SIMPLE = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.l
 
 def _value_key(v):
     if isinstance(v, torch.Tensor):
-        return ("T", tuple(v.shape), v.dtype, v.requires_grad)
+        # requires_grad is left out: stacking mixes them freely and autograd
+        # still routes each cell's gradient to its own input.
+        return ("T", tuple(v.shape), v.dtype)
     if isinstance(v, (tuple, list)):
         return tuple(_value_key(x) for x in v)
     if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
