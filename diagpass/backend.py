@@ -165,8 +165,27 @@ def _verified(compiled: Callable, original: fx.GraphModule, opts: Options) -> Ca
     return run
 
 
+def _warn_near_recompile_limit(gm: fx.GraphModule) -> None:
+    """Dynamo compiles one graph per segment count and silently runs eager
+    after ``recompile_limit`` of them: say so before it happens."""
+    compile_id = gm.meta.get("dynamo_compile_id")
+    attempt = getattr(compile_id, "frame_compile_id", None)
+    limit = torch._dynamo.config.recompile_limit
+    if isinstance(attempt, int) and attempt + 1 >= limit - 1:
+        counters["backend"]["recompile_limit_warnings"] += 1
+        log.warning(
+            "diagpass: compile %d of this frame (Dynamo specialises on the number of "
+            "segments); at torch._dynamo.config.recompile_limit=%d Dynamo stops compiling "
+            "and runs the model eagerly. Pad inputs to a few fixed lengths (whole "
+            "segments) or raise the limit.",
+            attempt + 1,
+            limit,
+        )
+
+
 def diagonal_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, **kwargs):
     opts = Options.from_dict({**(options or {}), **kwargs})
+    _warn_near_recompile_limit(gm)
     rewritten, report = analyze(gm, opts) if opts.enabled else (None, GraphReport(reason="disabled by options"))
     reports.append(report)
     del reports[:-64]

@@ -135,3 +135,17 @@ def test_explain_report_draws_the_grid():
     assert "S=5, layers L=3, wavefronts=7" in text
     assert "closed form L + S - 1" in text
     assert "        2  2* 3* 4*" in text  # segment 2: wavefronts 2, 3, 4, all batched
+
+
+def test_warns_before_dynamo_recompile_limit(caplog):
+    from tests.passes.conftest import PerLayerMemory
+
+    model = PerLayerMemory(layers=2)
+    compiled = torch.compile(model, backend="diagonal", options={"inner": "eager"})
+    limit = torch._dynamo.config.recompile_limit
+    with caplog.at_level(logging.WARNING, logger="diagpass"), torch.no_grad():
+        for segments in range(1, limit):
+            x = torch.randn(1, 4 * segments, 8)
+            torch.testing.assert_close(compiled(x), model(x))
+    assert diagpass.counters["backend"]["recompile_limit_warnings"] >= 1
+    assert "recompile_limit" in caplog.text
