@@ -34,6 +34,7 @@ from diagpass.ir.cells import Cell, CellGrid
 from diagpass.ir.schedule import Group, Schedule
 from diagpass.passes.dependence import glue_cell_ancestors, quotient_graph
 from diagpass.passes.graph_utils import example_value
+from diagpass.passes.roll import CompiledGroup, group_structure, power_of_two_chunks
 from diagpass.runtime import BatchedCell
 
 
@@ -97,8 +98,8 @@ class _Emitter:
         counters["batch"]["stacked_inputs"] += 1
         return self.graph.call_function(torch.stack, ([self.env[n] for n in nodes],)), 0
 
-    def batched(self, name: str, group: Group) -> bool:
-        cells = [self.grid.cells[c] for c in group.cells]
+    def batched(self, name: str, cell_ids: List, roll_inner: Optional[str] = None) -> bool:
+        cells = [self.grid.cells[c] for c in cell_ids]
         rep = cells[0]
         args, dims = [], []
         for k in range(len(rep.inputs)):
@@ -108,7 +109,10 @@ class _Emitter:
                 return False
             args.append(slot[0])
             dims.append(slot[1])
-        self.modules[name] = BatchedCell(_template(rep), dims, len(cells))
+        module = BatchedCell(_template(rep), dims, len(cells))
+        if roll_inner is not None:
+            module = CompiledGroup(module, group_structure(rep.signature, len(cells), dims), roll_inner)
+        self.modules[name] = module
         call = self.graph.call_module(name, tuple(args))
         for j in range(len(rep.outputs)):
             stacked = self.graph.call_function(operator.getitem, (call, j))
@@ -133,7 +137,28 @@ def _lookup(gm: fx.GraphModule, target: str):
     return obj
 
 
-def batch_wavefronts(grid: CellGrid, sched: Schedule, min_group: int = 2) -> BatchResult:
+def _emit_rolled(em: "_Emitter", name: str, group: Group, inner: str, done: List[Group]) -> None:
+    """Roll mode: every group (singletons too) runs a cached kernel, split
+    into power-of-two chunks so kernels do not depend on the wavefront width."""
+    start = 0
+    for k, size in enumerate(power_of_two_chunks(group.size)):
+        chunk = group.cells[start : start + size]
+        start += size
+        if not em.batched(f"{name}_{k}", chunk, roll_inner=inner):
+            for cid in chunk:
+                for node in em.grid.cells[cid].nodes:
+                    em.copy(node)
+            continue
+        counters["roll"]["group_calls"] += 1
+        if size > 1:
+            done.append(Group(list(chunk)))
+            counters["batch"]["groups"] += 1
+            counters["batch"]["cells"] += size
+
+
+def batch_wavefronts(
+    grid: CellGrid, sched: Schedule, min_group: int = 2, roll: bool = False, inner: str = "inductor"
+) -> BatchResult:
     gm = grid.gm
     wave_of = {c: w.index for w in sched.wavefronts for c in w.cells}
     buckets = _glue_buckets(grid, wave_of)
@@ -147,8 +172,12 @@ def batch_wavefronts(grid: CellGrid, sched: Schedule, min_group: int = 2) -> Bat
     done: List[Group] = []
     for wave in sched.wavefronts:
         for j, group in enumerate(wave.groups):
-            batchable = group.size >= min_group and grid.cells[group.cells[0]].signature is not None
-            if batchable and em.batched(f"diag_t{wave.index}_g{j}", group):
+            has_signature = grid.cells[group.cells[0]].signature is not None
+            if roll and has_signature:
+                _emit_rolled(em, f"diag_t{wave.index}_g{j}", group, inner, done)
+                continue
+            batchable = group.size >= min_group and has_signature
+            if batchable and em.batched(f"diag_t{wave.index}_g{j}", group.cells):
                 done.append(group)
                 counters["batch"]["groups"] += 1
                 counters["batch"]["cells"] += group.size
