@@ -23,6 +23,7 @@ from diagpass.counters import counters
 from diagpass.errors import NotBatchable
 from diagpass.passes.batch import batch_wavefronts
 from diagpass.passes.dependence import build_cell_graph
+from diagpass.passes.grad_mode import detach_no_grad_regions
 from diagpass.passes.partition import partition
 from diagpass.passes.schedule import schedule
 from diagpass.report import GraphReport
@@ -85,6 +86,8 @@ def analyze(gm: fx.GraphModule, options: Options):
     report = GraphReport(num_nodes=len(gm.graph.nodes))
     t0 = time.perf_counter()
     try:
+        gm = _copy(gm)  # passes may edit the graph; the fallback keeps the original
+        detach_no_grad_regions(gm)
         grid = partition(gm)
         report.num_segments, report.num_layers = grid.num_segments, grid.num_layers
         graph = build_cell_graph(grid)
@@ -120,6 +123,15 @@ def analyze(gm: fx.GraphModule, options: Options):
         return None, report
     finally:
         report.timings["passes_s"] = time.perf_counter() - t0
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    value, _ = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    graph.output(value)
+    new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    new.meta = dict(gm.meta)
+    return new
 
 
 def _check_with_fake_tensors(gm: fx.GraphModule) -> None:
@@ -188,6 +200,7 @@ def _warn_near_recompile_limit(gm: fx.GraphModule) -> None:
 
 
 def diagonal_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, **kwargs):
+    entered = time.perf_counter()
     opts = Options.from_dict({**(options or {}), **kwargs})
     _warn_near_recompile_limit(gm)
     rewritten, report = analyze(gm, opts) if opts.enabled else (None, GraphReport(reason="disabled by options"))
@@ -199,6 +212,8 @@ def diagonal_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict]
     else:
         compiled = inner_compile(rewritten if rewritten is not None else gm, example_inputs, opts.inner)
     report.timings["inner_s"] = time.perf_counter() - t0
+    report.timings["entered_at"] = entered  # perf_counter(): Dynamo time = entered_at - call start
+    report.timings["left_at"] = time.perf_counter()
     if opts.verify and rewritten is not None:
         return _verified(compiled, gm, opts)
     return compiled

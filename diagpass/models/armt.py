@@ -233,6 +233,12 @@ class ARMT(nn.Module):
             return out, states
         return out
 
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """See :func:`diagpass.models.generation.generate`."""
+        from .generation import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
     def extra_repr(self):
         return (
             f"arch={self.arch}, segment_size={self.segment_size}, num_mem_tokens={self.num_mem_tokens}, "

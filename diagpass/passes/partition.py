@@ -43,7 +43,7 @@ import torch.fx as fx
 from diagpass.counters import counters
 from diagpass.errors import NotBatchable
 from diagpass.ir.cells import Cell, CellGrid, CellId, LayerStack
-from diagpass.passes.graph_utils import example_value, is_compute, is_mutation, module_paths, placeholder_path
+from diagpass.passes.graph_utils import example_value, is_compute, is_mutation, is_random, module_paths, placeholder_path
 
 _INDEXED = re.compile(r"^(?P<prefix>.*?)\.(?P<idx>\d+)(?:\.(?P<rest>.*))?$")
 
@@ -157,10 +157,17 @@ def _nearest_anchor_cells(order: List[fx.Node], cell_of: Dict[fx.Node, CellId], 
     return near
 
 
-def _refuse_mutation(gm: fx.GraphModule) -> None:
+def _refuse_mutation_and_randomness(gm: fx.GraphModule) -> None:
     # FX edges do not order an in-place op against other readers of the same
-    # tensor, so no schedule other than the original order is provably safe.
+    # tensor, nor random ops against each other (one RNG stream): no schedule
+    # other than the original order is provably safe.
     for node in gm.graph.nodes:
+        if is_random(node):
+            raise NotBatchable(
+                f"random op {getattr(node.target, '__name__', node.target)} (node {node.name}, e.g. "
+                "dropout in train mode): reordering would change the random numbers each op draws; "
+                "use model.eval() or dropout p=0 to enable batching"
+            )
         if is_mutation(node):
             raise NotBatchable(
                 f"in-place op {node.target} (node {node.name}) in the graph: reordering "
@@ -169,7 +176,7 @@ def _refuse_mutation(gm: fx.GraphModule) -> None:
 
 
 def partition(gm: fx.GraphModule) -> CellGrid:
-    _refuse_mutation(gm)
+    _refuse_mutation_and_randomness(gm)
     stack = find_layer_stack(gm)
     anchors = _anchor_layers(gm, stack)
     cell_of = _runs(gm, anchors, stack.num_layers)

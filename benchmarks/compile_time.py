@@ -1,0 +1,104 @@
+"""Compile cost vs number of segments (issue 5): Dynamo, backend, first call.
+
+    python -m benchmarks.compile_time [--quick] [--timeout 600]
+
+Each (S, L, mode) runs in a fresh subprocess (no warm caches). Modes:
+  sequential  torch.compile(backend="diagonal", options={"enabled": False}):
+              the unrolled graph through Inductor, as torch.compile(model) would
+  diagonal    backend="diagonal" (unrolled, whole graph through Inductor)
+  rolled      backend="diagonal", options={"roll": True}: each distinct batched
+              step compiled once
+Columns: dynamo_s (Dynamo trace: call start -> backend entered), backend_s
+(passes + inner compile + kernel compiles during the first call), first_s
+(first call total), steady_ms (median of 5 calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import textwrap
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys, time, statistics, torch
+    torch.set_num_threads(2)
+    from diagpass.models.armt import build_armt, randomize_memory_
+    from diagpass import backend
+    S, L, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    model = build_armt("llama", num_layers=L, segment_size=8, num_mem_tokens=2, d_mem=8)
+    randomize_memory_(model)
+    ids = torch.randint(0, 128, (1, 8 * S))
+    opts = {"sequential": {"enabled": False}, "diagonal": {}, "rolled": {"roll": True}}[mode]
+    fast = torch.compile(model, backend="diagonal", options=opts)
+    with torch.no_grad():
+        t0 = time.perf_counter(); out = fast(ids); t1 = time.perf_counter()
+        rep = backend.reports[-1]
+        times = []
+        for _ in range(5):
+            a = time.perf_counter(); fast(ids); times.append(time.perf_counter() - a)
+        ok = bool(torch.allclose(out, model(ids), rtol=1e-4, atol=1e-4))
+    from diagpass.counters import counters
+    dynamo = rep.timings["entered_at"] - t0
+    print(json.dumps({"S": S, "L": L, "mode": mode, "dynamo_s": dynamo, "backend_s": (t1 - t0) - dynamo - min(times),
+                      "first_s": t1 - t0, "steady_ms": 1e3 * statistics.median(times), "nodes": rep.num_nodes,
+                      "kernels": counters["roll"]["kernels_compiled"], "equal": ok}))
+    """
+)
+
+
+def run(S: int, L: int, mode: str, timeout: float) -> dict:
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, str(S), str(L), mode], capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return {"S": S, "L": L, "mode": mode, "error": f"timeout > {timeout:.0f} s"}
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"S": S, "L": L, "mode": mode, "error": proc.stderr.strip().splitlines()[-1][:120] if proc.stderr else "?"}
+    return json.loads(lines[-1])
+
+
+def table(rows) -> str:
+    head = "| S | L | mode | nodes | dynamo s | backend s | first call s | steady ms | kernels | equal |\n|---|---|---|---|---|---|---|---|---|---|"
+    out = [head]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['S']} | {r['L']} | {r['mode']} | | | | {r['error']} | | | |")
+        else:
+            out.append(
+                f"| {r['S']} | {r['L']} | {r['mode']} | {r['nodes']} | {r['dynamo_s']:.1f} | {r['backend_s']:.1f} | "
+                f"{r['first_s']:.1f} | {r['steady_ms']:.1f} | {r['kernels']} | {r['equal']} |"
+            )
+    return "\n".join(out)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="S in {8, 32}, L = 8, rolled and diagonal only")
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--segments", type=int, nargs="*", default=None)
+    ap.add_argument("--layers", type=int, nargs="*", default=None)
+    ap.add_argument("--modes", nargs="*", default=None)
+    ap.add_argument("--json", default=None, help="write rows here")
+    args = ap.parse_args(argv)
+    segments = args.segments or ([8, 32] if args.quick else [8, 32, 128])
+    layers = args.layers or ([8] if args.quick else [4, 8, 16])
+    modes = args.modes or (["rolled", "sequential"] if args.quick else ["rolled", "diagonal", "sequential"])
+    rows = []
+    for L in layers:
+        for S in segments:
+            for mode in modes:
+                rows.append(run(S, L, mode, args.timeout))
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
