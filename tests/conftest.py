@@ -22,7 +22,9 @@ settings.register_profile(
 settings.register_profile("dev", max_examples=10, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: tests are tiny, and OpenMP spin-waiting under any oversubscription
+# (Inductor compile workers, a busy machine) slowed 2-thread runs by 50x here.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -175,6 +175,16 @@ def _refuse_mutation_and_randomness(gm: fx.GraphModule) -> None:
             )
 
 
+_PASS_THROUGH = {"detach", "clone", "contiguous", "detach_copy"}
+
+
+def _is_pass_through(node: fx.Node) -> bool:
+    """A detach/clone between cells (truncated BPTT every k segments) stays
+    glue: inside the producer it would make every k-th cell differ."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return name in _PASS_THROUGH
+
+
 def partition(gm: fx.GraphModule) -> CellGrid:
     _refuse_mutation_and_randomness(gm)
     stack = find_layer_stack(gm)
@@ -194,7 +204,7 @@ def partition(gm: fx.GraphModule) -> CellGrid:
         both = a & d
         if len(both) == 1:
             cell_of[node] = next(iter(both))
-        elif len(a) == 1 and d and not both:
+        elif len(a) == 1 and d and not both and not _is_pass_through(node):
             cell_of[node] = next(iter(a))  # tail of the producer (e.g. a state update)
         else:
             glue.append(node)
