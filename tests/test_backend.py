@@ -149,3 +149,17 @@ def test_warns_before_dynamo_recompile_limit(caplog):
             torch.testing.assert_close(compiled(x), model(x))
     assert diagpass.counters["backend"]["recompile_limit_warnings"] >= 1
     assert "recompile_limit" in caplog.text
+
+
+@pytest.mark.parametrize("roll", [False, True])
+def test_dynamic_batch_size_still_batches(roll):
+    """A second batch size makes Dynamo trace with a symbolic batch dim."""
+    model = build_armt("llama", num_layers=3, segment_size=8, num_mem_tokens=2, d_mem=8)
+    randomize_memory_(model)
+    compiled = torch.compile(model, backend="diagonal", options={"inner": "aot_eager", "roll": roll})
+    with torch.no_grad():
+        for batch in (1, 3, 2):
+            ids = torch.randint(0, 128, (batch, 8 * 5))
+            torch.testing.assert_close(compiled(ids), model(ids), rtol=1e-5, atol=1e-5)
+            assert diagpass.backend.reports[-1].batched
+    assert diagpass.counters["backend"]["graphs_fallback_error"] == 0

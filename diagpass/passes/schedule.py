@@ -43,7 +43,7 @@ def _value_key(v):
     if isinstance(v, torch.Tensor):
         # requires_grad is left out: stacking mixes them freely and autograd
         # still routes each cell's gradient to its own input.
-        return ("T", tuple(v.shape), v.dtype)
+        return ("T", tuple(d if isinstance(d, int) else str(d) for d in v.shape), v.dtype)
     if isinstance(v, (tuple, list)):
         return tuple(_value_key(x) for x in v)
     if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
