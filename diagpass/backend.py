@@ -77,8 +77,17 @@ class DiagonalMismatch(AssertionError):
     """``verify=True`` found the batched graph's outputs differ from the original's."""
 
 
-# Reports of the graphs compiled most recently, newest last (explain reads them).
+# Reports of the graphs compiled most recently, newest last. ``report_count``
+# only grows: ``reports_since(mark)`` stays right when old reports are dropped.
 reports: List[GraphReport] = []
+report_count = 0
+_MAX_REPORTS = 1024
+
+
+def reports_since(mark: int) -> List[GraphReport]:
+    """Reports of the graphs compiled after ``report_count`` was ``mark``."""
+    new = report_count - mark
+    return list(reports[-new:]) if new > 0 else []
 
 
 def analyze(gm: fx.GraphModule, options: Options):
@@ -97,19 +106,23 @@ def analyze(gm: fx.GraphModule, options: Options):
         report.groups = [[list(g.cells) for g in w.groups] for w in sched.wavefronts]
         report.closed_form = str(sched.closed_form) if sched.closed_form is not None else None
         report.time_function = str(sched.time_function) if sched.time_function is not None else None
-        if sched.reason:
-            raise NotBatchable(sched.reason)
-        if not sched.batched_groups(options.min_group):
-            raise NotBatchable(
-                f"no wavefront has {options.min_group} or more structurally identical cells"
-            )
+        reason = sched.reason
+        if reason is None and not sched.batched_groups(options.min_group):
+            reason = f"no wavefront has {options.min_group} or more structurally identical cells"
+        if reason is not None and not options.roll:
+            raise NotBatchable(reason)
+        # With roll, even an unbatchable schedule is rewritten: every distinct
+        # cell then compiles once instead of once per copy (RMT, short inputs).
         result = batch_wavefronts(grid, sched, options.min_group, roll=options.roll, inner=options.inner)
-        if not result.batched_groups:
+        if not result.batched_groups and not options.roll:
             raise NotBatchable("no group could be batched (inputs that cannot be stacked)")
         _check_with_fake_tensors(result.gm)
         report.batched_groups = [list(g.cells) for g in result.batched_groups]
-        report.batched = True
-        counters["backend"]["graphs_batched"] += 1
+        report.batched = bool(result.batched_groups)
+        report.reason = None if report.batched else (reason or "no group could be batched")
+        counters["backend"]["graphs_batched" if report.batched else "graphs_rolled_unbatched"] += 1
+        if not report.batched:
+            log.info("diagpass: graph not batched (cells still compiled once each): %s", report.reason)
         return result.gm, report
     except NotBatchable as e:
         report.reason = e.reason
@@ -154,9 +167,11 @@ def inner_compile(gm: fx.GraphModule, example_inputs, inner: str) -> Callable:
     if inner == "eager":
         return gm.forward
     if inner == "aot_eager":
-        from torch._dynamo.backends.debugging import aot_eager
+        # The decomposing variant: plain aot_eager replays traced `view`s in
+        # backward that can be invalid for the real strides of vmapped ops.
+        from torch._dynamo.backends.debugging import aot_eager_decomp_partition
 
-        return aot_eager(gm, example_inputs)
+        return aot_eager_decomp_partition(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(gm, example_inputs)
@@ -204,8 +219,10 @@ def diagonal_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict]
     opts = Options.from_dict({**(options or {}), **kwargs})
     _warn_near_recompile_limit(gm)
     rewritten, report = analyze(gm, opts) if opts.enabled else (None, GraphReport(reason="disabled by options"))
+    global report_count
     reports.append(report)
-    del reports[:-64]
+    report_count += 1
+    del reports[:-_MAX_REPORTS]
     t0 = time.perf_counter()
     if rewritten is not None and opts.roll:
         compiled = rewritten.forward  # glue eager; each group compiles its kernel once

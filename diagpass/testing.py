@@ -72,7 +72,8 @@ def assert_equivalent(
     - outputs within ``rtol``/``atol`` (``torch.testing.assert_close``);
     - with ``grads=True``, every parameter's gradient of a fixed random
       projection of the outputs, within ``rtol`` and ``atol`` scaled by the
-      gradient's own magnitude;
+      gradient's own magnitude -- or, where eager fp32 itself is further than
+      that from the exact (fp64) gradient, at most 2x eager's own error;
     - ``expect_batched=True``/``False``: at least one / no graph was batched.
 
     ``reset=True`` clears Dynamo's caches first, so the model is traced anew
@@ -81,15 +82,23 @@ def assert_equivalent(
     if reset:
         torch._dynamo.reset()
     expected, expected_grads = _run(model, model, args, kwargs, grads)
-    first = len(_backend.reports)
+    first = _backend.report_count
     batched_before = counters["backend"]["graphs_batched"]
     compiled = torch.compile(model, backend="diagonal", options=dict(options or {}))
     actual, actual_grads = _run(compiled, model, args, kwargs, grads)
-    report = DiagonalReport(list(_backend.reports[first:]))
+    report = DiagonalReport(_backend.reports_since(first))
 
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"outputs differ: {m}\n{report}")
+    try:
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+    except AssertionError as e:
+        _assert_outputs_as_exact_as_eager(model, args, kwargs, actual, expected, atol, f"outputs differ: {e}\n{report}")
     if grads:
-        _assert_grads_close(actual_grads, expected_grads, rtol, atol)
+        try:
+            _assert_grads_close(actual_grads, expected_grads, rtol, atol)
+        except AssertionError:
+            # Deep recurrences amplify rounding: eager fp32 itself can be 1e-4 off
+            # the exact gradient. Then the claim to check is "as exact as eager".
+            _assert_grads_as_exact_as_eager(model, args, kwargs, actual_grads, expected_grads, atol)
     batched = counters["backend"]["graphs_batched"] > batched_before
     if expect_batched is not None and batched != expect_batched:
         raise AssertionError(
@@ -97,6 +106,50 @@ def assert_equivalent(
             f"but it {'did' if batched else 'did not'}:\n{report}"
         )
     return report
+
+
+def _float64(model, args, kwargs):
+    import copy
+
+    exact_model = copy.deepcopy(model).double()
+    to64 = lambda x: x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x  # noqa: E731
+    return exact_model, [to64(a) for a in args], {k: to64(v) for k, v in kwargs.items()}
+
+
+def _assert_outputs_as_exact_as_eager(model, args, kwargs, actual, expected, atol, message, factor=2.0) -> None:
+    """Fallback when outputs miss rtol/atol: a deep recurrence can amplify
+    rounding beyond 1e-5 in eager fp32 itself. Then require the compiled
+    output's error vs an fp64 run to be within ``factor`` x eager's own."""
+    if not all(t.is_floating_point() for t in _flatten(expected)) or not _flatten(expected):
+        raise AssertionError(message)
+    exact_model, args64, kwargs64 = _float64(model, args, kwargs)
+    with torch.no_grad():
+        exact = _flatten(exact_model(*args64, **kwargs64))
+    for got, ref, ex in zip(_flatten(actual), _flatten(expected), exact):
+        eager_err = float((ref.double() - ex).abs().max())
+        ours = float((got.double() - ex).abs().max())
+        if ours > factor * eager_err + atol:
+            raise AssertionError(f"{message}\n(and vs fp64: error {ours:.3g} > {factor} x eager's {eager_err:.3g} + {atol})")
+    counters["testing"]["outputs_checked_against_fp64"] += 1
+
+
+def _assert_grads_as_exact_as_eager(model, args, kwargs, actual, expected, atol, factor: float = 2.0) -> None:
+    """Against an fp64 copy of the model: the compiled gradients' error must be
+    within ``factor`` times eager fp32's own error (plus ``atol`` x scale)."""
+    exact_model, args64, kwargs64 = _float64(model, args, kwargs)
+    _, exact = _run(exact_model, exact_model, args64, kwargs64, True)
+    problems = []
+    for name, ref in exact.items():
+        if ref is None or expected.get(name) is None or actual.get(name) is None:
+            continue
+        scale = max(1.0, float(ref.abs().max()))
+        eager_err = float((expected[name].double() - ref).abs().max())
+        ours = float((actual[name].double() - ref).abs().max())
+        if ours > factor * eager_err + atol * scale:
+            problems.append(f"{name}: error vs fp64 {ours:.3g} > {factor} x eager fp32's {eager_err:.3g} + {atol * scale:.3g}")
+    counters["testing"]["grads_checked_against_fp64"] += 1
+    if problems:
+        raise AssertionError("gradients less exact than eager's:\n  " + "\n  ".join(problems))
 
 
 def _assert_grads_close(actual, expected, rtol, atol) -> None:

@@ -54,8 +54,16 @@ def _template(cell: Cell) -> fx.GraphModule:
         env[a] = ph
     for n in cell.nodes:
         env[n] = g.node_copy(n, lambda x: env[x])
+        if n.op == "call_method" and n.target == "view" and not _is_dtype_view(n):
+            # Same values; but under vmap the batched layout can make a view
+            # impossible (and AOTAutograd's backward of view is a view).
+            env[n].target = "reshape"
     g.output(tuple(env[o] for o in cell.outputs))
     return fx.GraphModule(torch.nn.Module(), g)
+
+
+def _is_dtype_view(node: fx.Node) -> bool:
+    return any(isinstance(a, torch.dtype) for a in node.args[1:]) or "dtype" in node.kwargs
 
 
 class _Emitter:
@@ -137,11 +145,13 @@ def _lookup(gm: fx.GraphModule, target: str):
     return obj
 
 
-def _emit_rolled(em: "_Emitter", name: str, group: Group, inner: str, done: List[Group]) -> None:
+def _emit_rolled(em: "_Emitter", name: str, group: Group, inner: str, done: List[Group], min_group: int) -> None:
     """Roll mode: every group (singletons too) runs a cached kernel, split
-    into power-of-two chunks so kernels do not depend on the wavefront width."""
+    into power-of-two chunks so kernels do not depend on the wavefront width.
+    Groups below ``min_group`` run cell by cell (the sequential baseline)."""
     start = 0
-    for k, size in enumerate(power_of_two_chunks(group.size)):
+    sizes = power_of_two_chunks(group.size) if group.size >= min_group else [1] * group.size
+    for k, size in enumerate(sizes):
         chunk = group.cells[start : start + size]
         start += size
         if not em.batched(f"{name}_{k}", chunk, roll_inner=inner):
@@ -174,7 +184,7 @@ def batch_wavefronts(
         for j, group in enumerate(wave.groups):
             has_signature = grid.cells[group.cells[0]].signature is not None
             if roll and has_signature:
-                _emit_rolled(em, f"diag_t{wave.index}_g{j}", group, inner, done)
+                _emit_rolled(em, f"diag_t{wave.index}_g{j}", group, inner, done, min_group)
                 continue
             batchable = group.size >= min_group and has_signature
             if batchable and em.batched(f"diag_t{wave.index}_g{j}", group.cells):

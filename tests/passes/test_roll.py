@@ -52,3 +52,26 @@ def test_new_segment_count_compiles_no_new_step():
             torch.testing.assert_close(compiled(ids), model(ids), rtol=1e-5, atol=1e-5)
     assert diagpass.counters["roll"]["kernels_compiled"] == first
     assert diagpass.counters["backend"]["graphs_batched"] == 3  # Dynamo traced 3 graphs
+
+
+def test_roll_compiles_rmt_cells_once_without_batching():
+    """RMT cannot batch, but with roll its S*L cells share a few kernels."""
+    from diagpass.models.rmt import build_rmt
+
+    clear_kernel_cache()
+    model = build_rmt("llama", num_layers=3, segment_size=8, num_mem_tokens=2, seed=0)
+    ids = torch.randint(0, 128, (1, 8 * 6))
+    report = assert_equivalent(model, ids, options={"roll": True, "inner": "aot_eager"}, expect_batched=False)
+    assert "1 - L" in report.graphs[0].reason
+    roll = diagpass.counters["roll"]
+    assert roll["group_calls"] == 6 * 3
+    assert roll["kernels_compiled"] <= 6  # first/middle/last segment x first/other layer
+
+
+def test_roll_sequential_baseline_with_huge_min_group():
+    clear_kernel_cache()
+    model = _model()
+    ids = torch.randint(0, 128, (1, 8 * 6))
+    assert_equivalent(model, ids, options={"roll": True, "inner": "eager", "min_group": 10**6}, expect_batched=False)
+    assert diagpass.counters["roll"]["group_calls"] == 6 * 4
+    assert diagpass.counters["batch"]["cells"] == 0
