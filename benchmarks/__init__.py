@@ -1,0 +1,26 @@
+"""Benchmark harness for diagpass (GitHub issue 4).
+
+    python -m benchmarks --quick            # tiny S=4, modes eager/inductor/diagonal/base_eager,
+                                            # no memory subprocesses (add --memory); ~3-5 min on 2
+                                            # idle CPU cores, compile included
+    python -m benchmarks                    # full sweep (long on CPU: unrolled Inductor compiles)
+    python -m benchmarks --config small-headline [--segments 8]
+    python -m benchmarks --list
+
+Modes, compiled and timed side by side in ONE process (interleaved rounds, medians):
+  eager        the ARMT module, no compile
+  inductor     torch.compile(m, backend="diagonal", options={"inner": "inductor", "enabled": False})
+               = Inductor sequential baseline (same graph, not rewritten)
+  diagonal     torch.compile(m, backend="diagonal", options={"inner": "inductor"})
+  rolled       diagonal with roll=True: each distinct batched step compiled once, host loop
+  seq_rolled   roll with min_group=10**6: the same host loop, one cell per call (batching off)
+  diag_aot     diagonal with inner "aot_eager" (diagnostic: rewrite without Inductor)
+  base_eager / base_inductor   the HF base model WITHOUT memory, full attention over the same
+               S*T tokens (no memory tokens), eager / default torch.compile
+
+Peak memory: one subprocess per mode (benchmarks.memworker). Linux VmHWM from /proc/self/status,
+reset with `echo 5 > /proc/self/clear_refs` after compile+warm-up, so `steady_peak_mb` is the
+RSS high-water of one steady-state call minus the RSS just before it, and `compile_peak_mb` is the
+high-water during the first (compiling) call minus the RSS before it. On CUDA:
+torch.cuda.max_memory_allocated around one call instead.
+"""

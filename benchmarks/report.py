@@ -1,0 +1,110 @@
+"""Markdown / JSON / PNG output."""
+from __future__ import annotations
+
+import json
+import os
+from typing import List
+
+MODE_NAMES = {
+    "eager": "eager sequential",
+    "inductor": "Inductor sequential",
+    "diagonal": "diagonal (Inductor)",
+    "diag_aot": "diagonal (aot_eager)",
+    "rolled": "diagonal rolled (Inductor kernels, compiled once)",
+    "seq_rolled": "sequential rolled (one cell per kernel call)",
+    "base_eager": "full-attn base, eager",
+    "base_inductor": "full-attn base, Inductor",
+}
+
+
+def _f(v, fmt="{:.1f}"):
+    return "—" if v is None else fmt.format(v)
+
+
+def markdown(results: List[dict], meta: dict) -> str:
+    lines = [f"# diagpass benchmarks", "",
+             f"- torch {meta.get('torch')}, device {meta.get('device')}, threads {meta.get('threads')}, "
+             f"repeats {meta.get('repeats')}, {meta.get('date')}",
+             f"- command: `{meta.get('command')}`",
+             "- latency: median of interleaved steady-state calls under torch.no_grad(); "
+             "compile = first call minus median call; speedup = Inductor sequential / mode (median latencies; paired = median over rounds of the same-round ratio); "
+             "memory: per-mode subprocess, Linux VmHWM reset via /proc/self/clear_refs (MiB above "
+             "the RSS before the call).", ""]
+    for note in meta.get("notes", []):
+        lines.append(f"- NOTE: {note}")
+    lines.append("")
+    lines.append("| point | mode | median ms | min ms | first call s | compile s | steady peak MiB | compile peak MiB | diag: batched / wavefronts | speedup vs Inductor seq |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    for r in results:
+        modes = r["modes"]
+        ref = modes.get("inductor", {}).get("median_ms")
+        for name, m in modes.items():
+            if "error" in m:
+                lines.append(f"| {r['label']} | {MODE_NAMES.get(name, name)} | error: {m['error'][:80]} |||||||")
+                continue
+            d = m.get("diag") or {}
+            dtxt = f"{d.get('batched')} / {d.get('num_wavefronts')}" if d and name != "inductor" else ""
+            sp = f"{ref / m['median_ms']:.2f}x" if ref and m.get("median_ms") else "—"
+            rs = modes.get("inductor", {}).get("samples_ms")
+            if rs and m.get("samples_ms") and name != "inductor":  # same-round pairs
+                pr = sorted(x / y for x, y in zip(rs, m["samples_ms"]))
+                sp += f" (paired {pr[len(pr) // 2]:.2f}x)"
+            lines.append(
+                f"| {r['label']} | {MODE_NAMES.get(name, name)} | {_f(m.get('median_ms'))} | {_f(m.get('min_ms'))} | "
+                f"{_f(m.get('first_call_s'), '{:.1f}')} | {_f(m.get('compile_s'), '{:.1f}')} | "
+                f"{_f(m.get('steady_peak_mb'))} | {_f(m.get('compile_peak_mb'))} | {dtxt} | {sp} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(results: List[dict], meta: dict, outdir: str, stem: str = "latest") -> str:
+    os.makedirs(outdir, exist_ok=True)
+    md = markdown(results, meta)
+    with open(os.path.join(outdir, f"{stem}.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(outdir, f"{stem}.json"), "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1)
+    try:
+        plot(results, os.path.join(outdir, "latency.png" if stem == "latest" else f"{stem}_latency.png"))
+    except Exception as e:  # plotting is optional
+        print(f"plot failed: {e}")
+    return md
+
+
+def plot(results: List[dict], path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # one panel per (shape, segment size, dtype) series with >= 1 point; x = tokens
+    series = {}
+    for r in results:
+        p = r["point"]
+        key = (p["shape"]["name"], p["segment_size"], p["num_mem_tokens"], p["dtype"], p["batch"])
+        series.setdefault(key, []).append(r)
+    n = len(series)
+    if not n:
+        return
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
+    for ax, (key, rs) in zip(axes[0], series.items()):
+        rs = sorted(rs, key=lambda r: r["point"]["segments"] * r["point"]["segment_size"])
+        modes = []
+        for r in rs:
+            for m in r["modes"]:
+                if m not in modes:
+                    modes.append(m)
+        for m in modes:
+            xs = [r["point"]["segments"] * r["point"]["segment_size"] for r in rs if r["modes"].get(m, {}).get("median_ms")]
+            ys = [r["modes"][m]["median_ms"] for r in rs if r["modes"].get(m, {}).get("median_ms")]
+            if xs:
+                ax.plot(xs, ys, marker="o", label=MODE_NAMES.get(m, m),
+                        linestyle="--" if m.startswith("base") else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel("forward latency, ms (median)")
+        ax.set_title(f"{key[0]} T={key[1]}+{key[2]} {key[3]} B={key[4]}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

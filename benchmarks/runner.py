@@ -1,0 +1,150 @@
+"""Build models, compile the modes, time them side by side in one process."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .configs import Point
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ALL_MODES = ["eager", "inductor", "diagonal", "rolled", "seq_rolled", "diag_aot", "base_eager", "base_inductor"]
+QUICK_MODES = ["eager", "inductor", "diagonal", "base_eager"]
+DEFAULT_MODES = ["eager", "inductor", "diagonal", "base_eager", "base_inductor"]
+
+
+def build(point: Point, base: bool, device: str = "cpu"):
+    from diagpass.models.armt import build_armt, randomize_memory_
+    from diagpass.models.hf_layers import build_base_model
+
+    sh = point.shape
+    dtype = DTYPES[point.dtype]
+    common = dict(vocab_size=sh.vocab_size, hidden_size=sh.hidden_size, num_layers=sh.num_layers,
+                  num_heads=sh.num_heads, num_kv_heads=sh.num_kv_heads,
+                  intermediate_size=sh.intermediate_size)
+    if base:
+        m = build_base_model("llama", **common, max_positions=max(64, point.tokens), seed=0, dtype=dtype)
+    else:
+        m = build_armt("llama", **common, segment_size=point.segment_size,
+                       num_mem_tokens=point.num_mem_tokens, d_mem=sh.d_mem, seed=0, dtype=dtype)
+        randomize_memory_(m)
+    return m.to(device).eval()
+
+
+def make_fn(mode: str, model) -> Callable:
+    if mode in ("eager", "base_eager"):
+        f = model
+    elif mode == "inductor":
+        f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "enabled": False})
+    elif mode == "diagonal":
+        f = torch.compile(model, backend="diagonal", options={"inner": "inductor"})
+    elif mode == "rolled":
+        f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "roll": True})
+    elif mode == "seq_rolled":  # same host loop, one cell per kernel call: isolates batching
+        f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "roll": True, "min_group": 10**6})
+    elif mode == "diag_aot":
+        f = torch.compile(model, backend="diagonal", options={"inner": "aot_eager"})
+    elif mode == "base_inductor":
+        f = torch.compile(model)
+    else:
+        raise ValueError(mode)
+    if mode.startswith("base"):
+        return lambda x: f(input_ids=x).logits
+    return f
+
+
+def inputs(point: Point, device: str = "cpu") -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, point.shape.vocab_size, (point.batch, point.tokens), generator=g).to(device)
+
+
+def _sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, x, device) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    fn(x)
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def _diag_report() -> dict:
+    from diagpass import backend
+    if not backend.reports:
+        return {}
+    r = backend.reports[-1]
+    return {"batched": bool(r.batched), "num_wavefronts": r.num_wavefronts,
+            "reason": getattr(r, "reason", None),
+            "passes_s": r.timings.get("passes_s"), "inner_s": r.timings.get("inner_s")}
+
+
+def measure_point(point: Point, modes: List[str], repeats: int, device: str = "cpu",
+                  memory: bool = True, log=print) -> dict:
+    """Compile every mode (first call timed), then `repeats` interleaved rounds (one call of each
+    mode per round, order rotated) under torch.no_grad(); medians per mode."""
+    import torch._dynamo
+    torch._dynamo.reset()  # recompile_limit is per code object: fresh state per point
+    res: Dict[str, dict] = {}
+    x = inputs(point, device)
+    fns = {}
+    models = {}
+    with torch.no_grad():
+        for mode in modes:
+            base = mode.startswith("base")
+            if base not in models:
+                models[base] = build(point, base, device)
+            fn = make_fn(mode, models[base])
+            t0 = time.perf_counter()
+            try:
+                first = _timed(fn, x, device)
+            except Exception as e:  # record and go on
+                log(f"  {mode}: FAILED {type(e).__name__}: {e}")
+                res[mode] = {"error": f"{type(e).__name__}: {e}"}
+                continue
+            entry = {"first_call_s": first}
+            if mode in ("diagonal", "rolled", "seq_rolled", "diag_aot", "inductor"):
+                entry["diag"] = _diag_report()
+            _timed(fn, x, device)  # one warm-up call
+            fns[mode] = fn
+            res[mode] = entry
+            log(f"  {mode:14s} first call {first:8.2f} s" + (f"  {entry.get('diag')}" if "diag" in entry else ""))
+        samples: Dict[str, List[float]] = {m: [] for m in fns}
+        order = list(fns)
+        for r in range(repeats):
+            k = r % max(1, len(order))
+            for mode in order[k:] + order[:k]:
+                samples[mode].append(_timed(fns[mode], x, device))
+    for mode, s in samples.items():
+        res[mode].update(median_ms=1e3 * statistics.median(s), min_ms=1e3 * min(s),
+                         samples_ms=[1e3 * v for v in s])
+        # compile time = first call minus one steady-state call
+        res[mode]["compile_s"] = max(0.0, res[mode]["first_call_s"] - statistics.median(s))
+    if memory:
+        for mode in fns:
+            res[mode].update(memory_subprocess(point, mode, device, log))
+    return {"point": point.to_dict(), "label": point.label, "modes": res}
+
+
+def memory_subprocess(point: Point, mode: str, device: str, log=print) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.memworker", json.dumps(point.to_dict()), mode, device]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        line = [l for l in out.stdout.splitlines() if l.startswith("MEM ")]
+        if not line:
+            log(f"  {mode}: memory worker failed: {out.stderr[-400:]}")
+            return {}
+        d = json.loads(line[-1][4:])
+        log(f"  {mode:14s} memory {d}")
+        return d
+    except subprocess.TimeoutExpired:
+        return {}
