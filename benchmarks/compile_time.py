@@ -10,7 +10,9 @@ Each (S, L, mode) runs in a fresh subprocess (no warm caches). Modes:
               step compiled once
 Columns: dynamo_s (Dynamo trace: call start -> backend entered), backend_s
 (passes + inner compile + kernel compiles during the first call), first_s
-(first call total), steady_ms (median of 5 calls).
+(first call total), steady_ms (median of 5 calls), max abs diff of the output vs
+eager fp32 (deep recurrences with randomised memory amplify rounding: at S=32,
+L=8 eager fp32 itself is ~8e-5 off an fp64 run; the batched run ~3e-4).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import textwrap
 
 CHILD = textwrap.dedent(
     """
-    import json, sys, time, statistics, torch
-    torch.set_num_threads(2)
+    import json, os, sys, time, statistics, torch
+    torch.set_num_threads(int(os.environ.get("DIAGPASS_BENCH_THREADS", "1")))
     from diagpass.models.armt import build_armt, randomize_memory_
     from diagpass import backend
     S, L, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -39,12 +41,12 @@ CHILD = textwrap.dedent(
         times = []
         for _ in range(5):
             a = time.perf_counter(); fast(ids); times.append(time.perf_counter() - a)
-        ok = bool(torch.allclose(out, model(ids), rtol=1e-4, atol=1e-4))
+        diff = float((out - model(ids)).abs().max())
     from diagpass.counters import counters
     dynamo = rep.timings["entered_at"] - t0
     print(json.dumps({"S": S, "L": L, "mode": mode, "dynamo_s": dynamo, "backend_s": (t1 - t0) - dynamo - min(times),
                       "first_s": t1 - t0, "steady_ms": 1e3 * statistics.median(times), "nodes": rep.num_nodes,
-                      "kernels": counters["roll"]["kernels_compiled"], "equal": ok}))
+                      "kernels": counters["roll"]["kernels_compiled"], "max_diff": diff}))
     """
 )
 
@@ -63,7 +65,7 @@ def run(S: int, L: int, mode: str, timeout: float) -> dict:
 
 
 def table(rows) -> str:
-    head = "| S | L | mode | nodes | dynamo s | backend s | first call s | steady ms | kernels | equal |\n|---|---|---|---|---|---|---|---|---|---|"
+    head = "| S | L | mode | nodes | dynamo s | backend s | first call s | steady ms | kernels | max abs diff vs eager |\n|---|---|---|---|---|---|---|---|---|---|"
     out = [head]
     for r in rows:
         if "error" in r:
@@ -71,7 +73,7 @@ def table(rows) -> str:
         else:
             out.append(
                 f"| {r['S']} | {r['L']} | {r['mode']} | {r['nodes']} | {r['dynamo_s']:.1f} | {r['backend_s']:.1f} | "
-                f"{r['first_s']:.1f} | {r['steady_ms']:.1f} | {r['kernels']} | {r['equal']} |"
+                f"{r['first_s']:.1f} | {r['steady_ms']:.1f} | {r['kernels']} | {r['max_diff']:.1e} |"
             )
     return "\n".join(out)
 
