@@ -19,3 +19,18 @@ def test_aot_eager_backward_of_vmapped_views():
     ids = torch.randint(0, 32, (2, 10), generator=torch.Generator().manual_seed(0))
     report = assert_equivalent(model, ids, options={"inner": "aot_eager"}, grads=True, expect_batched=True)
     assert report.graphs[0].num_wavefronts == 5 + 2 - 1
+
+
+def test_detach_feeding_back_into_its_producer_stays_in_the_cell():
+    """Found by the property soak: with memory parameters outside the layers and
+    truncated BPTT every segment, a state `detach` was made glue although the
+    producer cell itself read it back, so the partition was not convex and
+    nothing batched (safe, but a lost batch). Such a detach now joins the cell."""
+    cfg = FamilyConfig(
+        vocab_size=32, d_model=4, n_layers=2, n_heads=1, segment_size=1, num_mem_tokens=0,
+        memory_kind="linear_attention", d_mem=2, nu=1, memory_params_outside=True, detach_every=1,
+    )
+    model = build_family_model(cfg, seed=0)
+    ids = torch.randint(0, 32, (1, 5), generator=torch.Generator().manual_seed(0))
+    report = assert_equivalent(model, ids, options={"inner": "eager"}, expect_batched=True)
+    assert "not self-contained" not in (report.graphs[0].reason or "")

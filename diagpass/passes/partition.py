@@ -193,10 +193,12 @@ def partition(gm: fx.GraphModule) -> CellGrid:
     num_segments = max(s for s, _ in cell_of.values()) + 1
 
     nodes = [n for n in gm.graph.nodes]
+    position = {n: i for i, n in enumerate(nodes)}
     up = _nearest_anchor_cells(nodes, cell_of, lambda n: n.all_input_nodes)
     down = _nearest_anchor_cells(nodes[::-1], cell_of, lambda n: list(n.users))
 
     glue: List[fx.Node] = []
+    pass_through: Dict[fx.Node, CellId] = {}
     for node in nodes:
         if node in cell_of or not is_compute(node):
             continue
@@ -204,10 +206,25 @@ def partition(gm: fx.GraphModule) -> CellGrid:
         both = a & d
         if len(both) == 1:
             cell_of[node] = next(iter(both))
-        elif len(a) == 1 and d and not both and not _is_pass_through(node):
-            cell_of[node] = next(iter(a))  # tail of the producer (e.g. a state update)
+        elif len(a) == 1 and d and not both:
+            if _is_pass_through(node):
+                pass_through[node] = next(iter(a))
+            else:
+                cell_of[node] = next(iter(a))  # tail of the producer (e.g. a state update)
         else:
             glue.append(node)
+    # A detach stays glue only if nothing after it went back into its producer
+    # (that would be a value leaving the cell and re-entering it).
+    changed = True
+    while changed:
+        changed = False
+        for node, producer in list(pass_through.items()):
+            if any(cell_of.get(u) == producer for u in node.users):
+                cell_of[node] = producer
+                del pass_through[node]
+                changed = True
+    glue.extend(pass_through)
+    glue.sort(key=lambda n: position[n])
 
     cells: Dict[CellId, Cell] = {}
     for node in nodes:
