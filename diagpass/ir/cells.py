@@ -72,6 +72,8 @@ class CellGrid:
     glue: List[fx.Node]
     cell_of: Dict[fx.Node, CellId]
     num_segments: int
+    # Filled by the dependence pass: the cells each glue node reads, through glue.
+    glue_sources: Dict[fx.Node, "set"] = dataclasses.field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:

@@ -32,7 +32,6 @@ import torch.fx as fx
 from diagpass.counters import counters
 from diagpass.ir.cells import Cell, CellGrid
 from diagpass.ir.schedule import Group, Schedule
-from diagpass.passes.dependence import glue_cell_ancestors, quotient_graph
 from diagpass.passes.graph_utils import example_value
 from diagpass.passes.roll import CompiledGroup, group_structure, power_of_two_chunks
 from diagpass.runtime import BatchedCell
@@ -130,7 +129,7 @@ class _Emitter:
 
 
 def _glue_buckets(grid: CellGrid, wave_of: Dict) -> Dict[int, List[fx.Node]]:
-    anc = glue_cell_ancestors(grid, quotient_graph(grid))
+    anc = grid.glue_sources  # from the dependence pass
     buckets: Dict[int, List[fx.Node]] = {}
     for node in grid.glue:
         w = max((wave_of[c] for c in anc.get(node, ())), default=-1)

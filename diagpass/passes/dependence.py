@@ -75,6 +75,7 @@ def build_cell_graph(grid: CellGrid) -> CellGraph:
             "into it, so a cell cannot run as one call"
         )
     glue_anc = glue_cell_ancestors(grid, q)
+    grid.glue_sources = glue_anc  # the batch pass places glue by it
     dag = nx.DiGraph()
     dag.add_nodes_from(grid.cells)
     for cid in grid.cells:
