@@ -58,9 +58,27 @@ classes with ``_supports_sdpa = False``, e.g. GPT-2 in early 4.4x).
 effect and refuses combinations that would be wrong (flash-attention; eager with
 ``"sdpa_is_causal"``).
 
+Key/value-cache decoding
+------------------------
+Used by :mod:`diagpass.models.generation` to decode one position at a time against the
+cached keys/values of the current segment. :meth:`LayerCaller.call_cached` passes a
+``transformers.DynamicCache`` (:func:`new_cache`) through the layer's own cache keyword
+(:data:`CACHE_KWARGS`: ``past_key_values`` in 5.x, ``past_key_value`` in 4.4x llama /
+qwen2 / mistral, ``layer_past`` in gpt_neox), plus ``use_cache=True`` and, where
+declared (4.4x), ``cache_position``; the attention appends its new keys/values under its
+``layer_idx``. :func:`make_step_context` gives the ``(1, 1, q, past + q)`` mask (always
+explicit: SDPA's ``is_causal`` is top-left aligned, wrong with a past) and the rotary
+``(cos, sin)`` / ``position_ids`` of the absolute positions ``past .. past+q-1``.
+A layer whose cache keyword is not annotated with a ``Cache`` type (4.4x GPT-2:
+``layer_past: Optional[Tuple[...]]``, the legacy tuple protocol) is reported by
+:func:`kv_cache_unsupported` and generation falls back to re-running the segment; a
+layer that takes the keyword but does not grow the cache raises rather than decode
+wrongly.
+
 Only transformers 5.23 was available when this was written; the 4.4x branches
-(tuple returns, ``position_ids``-only rotary, class-per-backend attention) are written
-from the 4.4x sources' conventions but have NOT been executed.
+(tuple returns, ``position_ids``-only rotary, class-per-backend attention, the
+``past_key_value`` / ``cache_position`` keywords) are written from the 4.4x sources'
+conventions but have NOT been executed.
 """
 
 from __future__ import annotations
@@ -75,13 +93,18 @@ from torch import nn
 __all__ = [
     "ARCH_SPECS",
     "BaseParts",
+    "CACHE_KWARGS",
     "LayerCaller",
     "SegmentContext",
+    "add_positions",
     "build_base_model",
     "check_attention_backend",
     "extract_parts",
     "force_sdpa",
+    "kv_cache_unsupported",
     "make_context",
+    "make_step_context",
+    "new_cache",
     "transformers_version",
 ]
 
@@ -308,10 +331,13 @@ class SegmentContext(NamedTuple):
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None  # rotary (cos, sin), or None
 
 
-def causal_additive_mask(q: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(1, 1, q, q): 0 where key <= query, finfo(dtype).min elsewhere."""
-    mask = torch.full((q, q), torch.finfo(dtype).min, dtype=dtype, device=device)
-    return torch.triu(mask, diagonal=1)[None, None]
+def causal_additive_mask(q: int, dtype: torch.dtype, device: torch.device, past: int = 0) -> torch.Tensor:
+    """(1, 1, q, past + q): 0 where key <= past + query, finfo(dtype).min elsewhere.
+
+    ``past > 0`` is the mask of ``q`` new queries over ``past`` cached keys followed by
+    their own keys (the same rows as the last ``q`` rows of the full ``past + q`` mask)."""
+    mask = torch.full((q, past + q), torch.finfo(dtype).min, dtype=dtype, device=device)
+    return torch.triu(mask, diagonal=1 + past)[None, None]
 
 
 def make_context(
@@ -322,6 +348,57 @@ def make_context(
     mask = causal_additive_mask(q, like.dtype, like.device) if causal == "mask" else None
     pe = rotary_emb(like, position_ids) if rotary_emb is not None else None
     return SegmentContext(position_ids, mask, pe)
+
+
+def make_step_context(
+    start: int, q: int, *, like: torch.Tensor, rotary_emb: nn.Module | None
+) -> SegmentContext:
+    """Context for ``q`` new positions ``start .. start+q-1`` of a segment whose earlier
+    ``start`` positions are in a key/value cache (decoding).
+
+    The mask is always the explicit ``(1, 1, q, start + q)`` additive one, whatever the
+    model's ``causal`` mode: SDPA's ``is_causal`` aligns the triangle top-left, which is
+    wrong as soon as there are cached keys. Rotary ``(cos, sin)`` are computed for the
+    absolute positions, elementwise the same values :func:`make_context` gives there.
+    """
+    position_ids = torch.arange(start, start + q, device=like.device).unsqueeze(0)
+    mask = causal_additive_mask(q, like.dtype, like.device, past=start)
+    pe = rotary_emb(like, position_ids) if rotary_emb is not None else None
+    return SegmentContext(position_ids, mask, pe)
+
+
+# the cache keyword of a decoder layer's forward, newest spelling first:
+# 5.x llama/qwen2/mistral/gpt2 ``past_key_values``; 4.4x llama/qwen2/mistral
+# ``past_key_value``; gpt_neox (4.4x and 5.x) and 4.4x gpt2 ``layer_past``
+CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+
+
+def _attention_layer_index(layer: nn.Module) -> int | None:
+    """The ``layer_idx`` under which the layer's attention stores into a Cache (the
+    attention module carries it in 4.4x and 5.x); ``None`` if absent or ambiguous."""
+    found = {m.layer_idx for m in layer.modules() if getattr(m, "layer_idx", None) is not None}
+    return found.pop() if len(found) == 1 else None
+
+
+def _cache_support(layer: nn.Module, params) -> tuple[str | None, int | None, str | None]:
+    """``(cache keyword, layer_idx, None)`` if the layer can decode against a
+    ``transformers`` Cache object, else ``(None, None, reason)``.
+
+    Decided from the signature only: the keyword must exist and be annotated with a
+    ``Cache`` type. Layers annotated with a tuple (``layer_past: Optional[Tuple[...]]``,
+    GPT-2 in transformers 4.4x) use the legacy tuple protocol, which we do not drive.
+    """
+    name = next((n for n in CACHE_KWARGS if n in params), None)
+    if name is None:
+        return None, None, f"{type(layer).__name__}.forward takes none of {CACHE_KWARGS}"
+    ann = params[name].annotation
+    ann = ann if isinstance(ann, str) else str(ann)  # "Optional[Cache]", "Cache | None", a class
+    if "Cache" not in ann:
+        return None, None, f"{type(layer).__name__}.forward({name}: {ann}) is not a Cache (legacy tuple cache)"
+    idx = _attention_layer_index(layer)
+    if idx is None:
+        return None, None, f"{type(layer).__name__}: no unique attention layer_idx to index the Cache"
+    return name, idx, None
 
 
 class LayerCaller:
@@ -343,6 +420,9 @@ class LayerCaller:
             raise TypeError(f"{self.layer_class}.forward takes no attention_mask")
         if needs_rotary and not (self.pass_position_embeddings or self.pass_position_ids):
             raise TypeError(f"{self.layer_class}: no way to pass rotary positions")
+        # key/value-cache decoding (generation.py); the reason says why not, if not
+        self.cache_kwarg, self.cache_layer_idx, self.cache_unsupported = _cache_support(layer, params)
+        self.pass_cache_position = "cache_position" in params  # 4.4x: the attention reads it
 
     def __call__(self, layer: nn.Module, hidden: torch.Tensor, ctx: SegmentContext) -> torch.Tensor:
         kwargs = {"attention_mask": ctx.attention_mask}
@@ -356,6 +436,38 @@ class LayerCaller:
         # transformers 4.x: (hidden_states, [attn_weights], [present]); 5.x: hidden_states
         if isinstance(out, (tuple, list)):
             out = out[0]
+        return out
+
+    def call_cached(self, layer: nn.Module, hidden: torch.Tensor, ctx: SegmentContext, cache) -> torch.Tensor:
+        """The layer on ``q`` new positions (``ctx`` from :func:`make_step_context`)
+        attending to the keys/values already in ``cache`` plus their own, which the
+        layer's attention appends to ``cache`` (a ``transformers.DynamicCache``).
+
+        Raises if the cache did not grow by ``q``: a layer that silently ignored the
+        cache would otherwise give wrong logits.
+        """
+        if self.cache_unsupported is not None:
+            raise RuntimeError(self.cache_unsupported)
+        past = cache.get_seq_length(self.cache_layer_idx)
+        q = hidden.shape[1]
+        kwargs = {"attention_mask": ctx.attention_mask, self.cache_kwarg: cache}
+        if self.pass_position_ids:
+            kwargs["position_ids"] = ctx.position_ids
+        if self.pass_position_embeddings:
+            kwargs["position_embeddings"] = ctx.position_embeddings
+        if self.pass_use_cache:
+            kwargs["use_cache"] = True
+        if self.pass_cache_position:
+            kwargs["cache_position"] = ctx.position_ids[0]
+        out = layer(hidden, **kwargs)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        got = cache.get_seq_length(self.cache_layer_idx)
+        if got != past + q:
+            raise RuntimeError(
+                f"{self.layer_class}: cache holds {got} positions after a step of {q} on {past} "
+                f"(keyword {self.cache_kwarg!r} not honoured)"
+            )
         return out
 
     def __repr__(self):
@@ -373,6 +485,37 @@ def make_callers(parts: BaseParts) -> list[LayerCaller]:
         LayerCaller(layer, has_rotary_module=parts.rotary_emb is not None, needs_rotary=needs_rotary)
         for layer in parts.layers
     ]
+
+
+def kv_cache_unsupported(callers: list[LayerCaller]) -> str | None:
+    """Why these layers cannot decode against a key/value cache, or ``None`` if they can."""
+    for i, c in enumerate(callers):
+        if c.cache_unsupported is not None:
+            return f"layer {i}: {c.cache_unsupported}"
+    if len({c.cache_layer_idx for c in callers}) != len(callers):
+        return "decoder layers share a layer_idx (their cache entries would collide)"
+    return None
+
+
+def new_cache():
+    """An empty ``transformers.DynamicCache`` that grows one entry per ``layer_idx`` on
+    first use (no config: never a sliding-window layer; segments are short)."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def add_positions(
+    h: torch.Tensor, pos_embed: nn.Module | None, dropout: nn.Module | None, ctx: SegmentContext
+) -> torch.Tensor:
+    """Absolute position embedding at ``ctx.position_ids`` (if the model has one), then
+    dropout: the part of :func:`embed_segment` after the concatenation, for a slice of
+    a segment (elementwise, so bitwise the same values as the whole-segment call)."""
+    if pos_embed is not None:
+        h = h + pos_embed(ctx.position_ids)
+    if dropout is not None:
+        h = dropout(h)
+    return h
 
 
 def embed_segment(
