@@ -23,7 +23,7 @@ from diagpass.counters import counters
 from diagpass.errors import NotBatchable
 from diagpass.passes.batch import batch_wavefronts
 from diagpass.passes.dependence import build_cell_graph
-from diagpass.passes.grad_mode import detach_no_grad_regions
+from diagpass.passes.grad_mode import detach_no_grad_regions, has_grad_mode_switches
 from diagpass.passes.partition import partition
 from diagpass.passes.schedule import schedule
 from diagpass.report import GraphReport
@@ -95,8 +95,9 @@ def analyze(gm: fx.GraphModule, options: Options):
     report = GraphReport(num_nodes=len(gm.graph.nodes))
     t0 = time.perf_counter()
     try:
-        gm = _copy(gm)  # passes may edit the graph; the fallback keeps the original
-        detach_no_grad_regions(gm)
+        if has_grad_mode_switches(gm):
+            gm = _copy(gm)  # the only pass that edits in place; the fallback keeps the original
+        detach_no_grad_regions(gm)  # also refuses autocast / other global-state calls
         grid = partition(gm)
         report.num_segments, report.num_layers = grid.num_segments, grid.num_layers
         graph = build_cell_graph(grid)
@@ -152,12 +153,14 @@ def _check_with_fake_tensors(gm: fx.GraphModule) -> None:
     call that cannot run (an op vmap cannot batch) fails here, not at run time."""
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+    from diagpass.runtime import memoized_fake_outputs
+
     fakes = [n.meta.get("example_value") for n in gm.graph.find_nodes(op="placeholder")]
     mode = next((f.fake_mode for f in fakes if hasattr(f, "fake_mode")), None)
     if mode is None:
         raise NotBatchable("placeholders carry no fake tensors to check the rewrite with")
     try:
-        with mode:
+        with mode, memoized_fake_outputs():
             FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
     except Exception as e:  # noqa: BLE001
         raise NotBatchable(f"the batched graph does not trace ({type(e).__name__}: {e})") from e

@@ -163,3 +163,46 @@ def test_dynamic_batch_size_still_batches(roll):
             torch.testing.assert_close(compiled(ids), model(ids), rtol=1e-5, atol=1e-5)
             assert diagpass.backend.reports[-1].batched
     assert diagpass.counters["backend"]["graphs_fallback_error"] == 0
+
+
+def _dynamo_graph(model, *args, **kwargs):
+    captured = []
+
+    def grab(gm, example_inputs):
+        captured.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=grab)(*args, **kwargs)
+    torch._dynamo.reset()
+    return captured[0]
+
+
+@pytest.mark.parametrize("tbptt", [None, 2])
+def test_analyze_leaves_dynamos_graph_unchanged(tbptt):
+    """The passes build a new graph; only grad_mode edits in place, on a copy
+    (tbptt=2 detaches inside the model; no_grad regions are covered in
+    tests/passes/test_grad_mode.py)."""
+    from diagpass.backend import Options, analyze
+
+    model = build_armt("llama", num_layers=3, segment_size=8, num_mem_tokens=2, d_mem=8)
+    randomize_memory_(model)
+    gm = _dynamo_graph(model, torch.randint(0, 128, (1, 8 * 6)), detach_every=tbptt)
+    before = gm.code
+    rewritten, report = analyze(gm, Options(inner="eager"))
+    assert report.batched and rewritten is not gm
+    assert gm.code == before
+
+
+def test_steady_state_groups_share_one_module_and_one_fake_trace():
+    model = build_armt("llama", num_layers=3, segment_size=8, num_mem_tokens=2, d_mem=8)
+    randomize_memory_(model)
+    ids = torch.randint(0, 128, (1, 8 * 9))
+    assert_equivalent(model, ids, options={"inner": "eager"}, expect_batched=True)
+    c = diagpass.counters
+    # S=9, L=3: middle-segment groups of 3 cells at t=3..8 (plus ramps): one
+    # module per (structure, size), far fewer than groups.
+    assert c["batch"]["groups"] >= 7
+    assert c["batch"]["modules"] <= 4
+    assert c["backend"]["fake_check_reused_traces"] >= c["batch"]["groups"] - c["batch"]["modules"]

@@ -15,6 +15,8 @@ After::
 
 The new graph is emitted in schedule order: glue that needs no cell first,
 then every wavefront's groups, each followed by the glue it makes ready.
+Groups with the same structure (signature, size, stacked inputs) call one
+shared module: a steady state of S wavefronts has one BatchedCell, not S.
 Groups smaller than ``min_group`` (and cells that must never batch) are
 copied node for node. Inputs shared by every cell of a group (the memory
 embeddings, a mask) are passed once, unstacked.
@@ -74,6 +76,11 @@ class _Emitter:
         self.env: Dict[fx.Node, fx.Node] = {}
         self.modules: Dict[str, torch.nn.Module] = {}
         self.stacks: Dict[str, fx.Node] = {}
+        # One module per distinct (structure, group size, stacked inputs):
+        # equal signatures mean the same function, so every wavefront of the
+        # steady state calls one module (one template, one fake trace, one
+        # codegen), not a copy per group.
+        self.module_for: Dict[tuple, str] = {}
 
     def copy(self, node: fx.Node) -> None:
         self.env[node] = self.graph.node_copy(node, lambda x: self.env[x])
@@ -116,11 +123,16 @@ class _Emitter:
                 return False
             args.append(slot[0])
             dims.append(slot[1])
-        module = BatchedCell(_template(rep), dims, len(cells))
-        if roll_inner is not None:
-            module = CompiledGroup(module, group_structure(rep.signature, len(cells), dims), roll_inner)
-        self.modules[name] = module
-        call = self.graph.call_module(name, tuple(args))
+        structure = group_structure(rep.signature, len(cells), dims)
+        target = self.module_for.get((structure, roll_inner))
+        if target is None:
+            module = BatchedCell(_template(rep), dims, len(cells))
+            if roll_inner is not None:
+                module = CompiledGroup(module, structure, roll_inner)
+            target = self.module_for[(structure, roll_inner)] = name
+            self.modules[name] = module
+            counters["batch"]["modules"] += 1
+        call = self.graph.call_module(target, tuple(args))
         for j in range(len(rep.outputs)):
             stacked = self.graph.call_function(operator.getitem, (call, j))
             for i, cell in enumerate(cells):

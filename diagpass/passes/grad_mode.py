@@ -49,6 +49,12 @@ def _side_effect(node: fx.Node) -> bool:
     return not node.users and "example_value" in node.meta and node.meta["example_value"] is None
 
 
+def has_grad_mode_switches(gm: fx.GraphModule) -> bool:
+    """Whether ``detach_no_grad_regions`` would edit the graph (the only pass
+    that edits in place; the backend copies the graph only then)."""
+    return bool(gm.graph.find_nodes(op="call_function", target=_SET_GRAD))
+
+
 def detach_no_grad_regions(gm: fx.GraphModule) -> int:
     """Rewrite no-grad regions in place; return how many were rewritten."""
     regions, current = [], None

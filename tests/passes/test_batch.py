@@ -35,7 +35,7 @@ stack 2 weights
 stack 2 weights
 stack 2 weights
 diag_t1_g0(stack, w[0:2], w[0:2], stack, w[0:2], w[0:2])
-diag_t2_g0(stack, w[0:2], w[0:2], stack, w[0:2], w[0:2])"""
+diag_t1_g0(stack, w[0:2], w[0:2], stack, w[0:2], w[0:2])"""
 
 
 def test_rewrite_golden(per_layer_graph):
@@ -47,6 +47,9 @@ def test_rewrite_golden(per_layer_graph):
     # segment 0 reads a zero memory made by glue: identical to later segments here
     assert [g.cells for g in result.batched_groups] == [[(1, 0), (0, 1)], [(2, 0), (1, 1)]]
     assert diagpass.counters["batch"]["weight_stacks"] == 4
+    # both groups have one structure: one module, called twice
+    assert diagpass.counters["batch"]["modules"] == 1
+    assert len([n for n in result.gm.graph.nodes if n.op == "call_module"]) == 2
     # t=3's (3,0),(2,1): the last segment's memory write is dead, so it differs
     params = [p for p in model.parameters()]
     inputs = [x] + params
