@@ -8,6 +8,9 @@ Each (S, L, mode) runs in a fresh subprocess (no warm caches). Modes:
   diagonal    backend="diagonal" (unrolled, whole graph through Inductor)
   rolled      backend="diagonal", options={"roll": True}: each distinct batched
               step compiled once
+  regions     rolled, and the decoder layers marked with
+              diagpass.mark_compile_regions (torch.compiler.nested_compile_region):
+              Dynamo traces a layer body once instead of S x L times
 Columns: dynamo_s (Dynamo trace: call start -> backend entered), backend_s
 (passes + inner compile + kernel compiles during the first call), first_s
 (first call total), steady_ms (median of 5 calls), max abs diff of the output vs
@@ -33,7 +36,10 @@ CHILD = textwrap.dedent(
     model = build_armt("llama", num_layers=L, segment_size=8, num_mem_tokens=2, d_mem=8)
     randomize_memory_(model)
     ids = torch.randint(0, 128, (1, 8 * S))
-    opts = {"sequential": {"enabled": False}, "diagonal": {}, "rolled": {"roll": True}}[mode]
+    opts = {"sequential": {"enabled": False}, "diagonal": {}, "rolled": {"roll": True}, "regions": {"roll": True}}[mode]
+    if mode == "regions":
+        import diagpass
+        diagpass.mark_compile_regions(layer.layer for layer in model.layers)
     fast = torch.compile(model, backend="diagonal", options=opts)
     with torch.no_grad():
         t0 = time.perf_counter(); out = fast(ids); t1 = time.perf_counter()

@@ -9,6 +9,7 @@ from diagpass.backend import DiagonalMismatch, Options, diagonal_backend
 from diagpass.counters import counters
 from diagpass.errors import NotBatchable
 from diagpass.explain import explain
+from diagpass.regions import mark_compile_regions
 from diagpass.report import DiagonalReport, GraphReport
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "counters",
     "diagonal_backend",
     "explain",
+    "mark_compile_regions",
 ]
 __version__ = "0.1.0"
 

@@ -24,6 +24,7 @@ from diagpass.errors import NotBatchable
 from diagpass.passes.batch import batch_wavefronts
 from diagpass.passes.dependence import build_cell_graph
 from diagpass.passes.grad_mode import detach_no_grad_regions, has_grad_mode_switches
+from diagpass.passes.inline_subgraphs import has_subgraph_calls, inline_subgraphs
 from diagpass.passes.partition import partition
 from diagpass.passes.schedule import schedule
 from diagpass.report import GraphReport
@@ -95,8 +96,9 @@ def analyze(gm: fx.GraphModule, options: Options):
     report = GraphReport(num_nodes=len(gm.graph.nodes))
     t0 = time.perf_counter()
     try:
-        if has_grad_mode_switches(gm):
-            gm = _copy(gm)  # the only pass that edits in place; the fallback keeps the original
+        if has_subgraph_calls(gm) or has_grad_mode_switches(gm):
+            gm = _copy(gm)  # the passes that edit in place; the fallback keeps the original
+        inline_subgraphs(gm)
         detach_no_grad_regions(gm)  # also refuses autocast / other global-state calls
         grid = partition(gm)
         report.num_segments, report.num_layers = grid.num_segments, grid.num_layers

@@ -50,8 +50,8 @@ def _side_effect(node: fx.Node) -> bool:
 
 
 def has_grad_mode_switches(gm: fx.GraphModule) -> bool:
-    """Whether ``detach_no_grad_regions`` would edit the graph (the only pass
-    that edits in place; the backend copies the graph only then)."""
+    """Whether ``detach_no_grad_regions`` would edit the graph (the backend
+    copies Dynamo's graph only when a pass will edit it)."""
     return bool(gm.graph.find_nodes(op="call_function", target=_SET_GRAD))
 
 

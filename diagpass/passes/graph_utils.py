@@ -23,19 +23,26 @@ def dotted_path(source_name: str) -> str:
 
 
 _LIFTED = re.compile(r"_(?:parameters|buffers)_(?P<attr>.+)_$")
+_SELF_STATE = re.compile(r"^l_self_(?P<body>(?:modules|parameters|buffers)_.+)_$")
+_STATE_SEP = re.compile(r"(?:^|_)(?:modules|parameters|buffers)_")
 
 
 def placeholder_path(node: fx.Node) -> Optional[str]:
     """Attribute path of a lifted parameter/buffer/attribute placeholder.
 
     From Dynamo's ``grapharg`` source when present; graphs handed out by
-    ``torch._dynamo.explain`` lack it, so fall back to the owning module
-    (``nn_module_stack``) plus the attribute name Dynamo encodes in the
-    placeholder's name (``..._parameters_weight_``).
+    ``torch._dynamo.explain`` lack it, so fall back to the path Dynamo encodes
+    in the placeholder's name (``l_self_modules_layers_modules_0_..._parameters_weight_``),
+    else to the owning module (``nn_module_stack``) plus the attribute name.
+    The name, not the module stack, comes first: placeholders lifted while
+    tracing a ``nested_compile_region`` body carry the stack of the first call.
     """
     arg = node.meta.get("grapharg")
     source = getattr(arg, "source", None)
     if source is None:
+        named = _SELF_STATE.match(node.name)
+        if named is not None:
+            return ".".join(p for p in _STATE_SEP.split(named["body"]) if p)
         m = _LIFTED.search(node.name)
         paths = module_paths(node)
         if m is None or not paths:
