@@ -108,10 +108,40 @@ def assert_equivalent(
     return report
 
 
-def _float64(model, args, kwargs):
+def _state_memo(model: torch.nn.Module) -> dict:
+    """``deepcopy`` memo mapping every non-leaf tensor a module keeps in a plain
+    attribute (memory stored as ``self.mem = ...``, as research code does) to a
+    detached copy: ``deepcopy`` refuses non-leaf tensors."""
+    memo: dict = {}
+
+    def visit(value):
+        if isinstance(value, torch.Tensor):
+            if not value.is_leaf and id(value) not in memo:
+                memo[id(value)] = value.detach().clone()
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name not in ("_parameters", "_buffers", "_modules"):
+                visit(value)
+    return memo
+
+
+def float64_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A float64 twin of ``model`` (same weights), the oracle for "as exact as
+    eager"; works for models that keep graph-attached state in attributes."""
     import copy
 
-    exact_model = copy.deepcopy(model).double()
+    return copy.deepcopy(model, _state_memo(model)).double()
+
+
+def _float64(model, args, kwargs):
+    exact_model = float64_copy(model)
     to64 = lambda x: x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x  # noqa: E731
     return exact_model, [to64(a) for a in args], {k: to64(v) for k, v in kwargs.items()}
 

@@ -21,7 +21,6 @@ dozen; the ``slow`` Inductor test ``DIAGPASS_INDUCTOR_EXAMPLES`` (default 10).
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 
@@ -33,7 +32,7 @@ from hypothesis import strategies as st
 import diagpass
 from diagpass import backend as _backend
 from diagpass.models.family import MEMORY_KINDS, cell_schedule, num_segments
-from diagpass.testing import assert_equivalent
+from diagpass.testing import assert_equivalent, float64_copy
 from diagpass.testing_strategies import DTYPE_TOLERANCES, rmt_models
 
 # Default suite: ~105 models (7 kinds x 15); the slow-marked soak below adds
@@ -86,7 +85,7 @@ def _equivalent_fp32(drawn, options, grads):
         if "differ" not in str(e):
             raise
         # Conditioning or a wrong result? Same weights in float64 decide.
-        twin = copy.deepcopy(model).to(torch.float64)
+        twin = float64_copy(model)
         report = assert_equivalent(twin, ids, options=options, grads=grads, expect_batched=batchable,
                                    rtol=1e-9, atol=1e-9)
         torch._dynamo.reset()
@@ -146,7 +145,7 @@ def test_bf16_error_within_sequential_compiled_error(drawn):
     slack is bf16's epsilon times the output scale (the sequential graph under
     inner eager replays eager exactly, so its own error can be tiny)."""
     model, ids, batchable = drawn
-    ref64 = copy.deepcopy(model).to(torch.float64)
+    ref64 = float64_copy(model)
     inner = "eager"
     with torch.no_grad():
         exact = ref64(ids)

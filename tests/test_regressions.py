@@ -3,7 +3,7 @@
 import torch
 
 from diagpass.models.family import FamilyConfig, build_family_model
-from diagpass.testing import assert_equivalent
+from diagpass.testing import assert_equivalent, float64_copy
 
 
 def test_aot_eager_backward_of_vmapped_views():
@@ -34,3 +34,24 @@ def test_detach_feeding_back_into_its_producer_stays_in_the_cell():
     ids = torch.randint(0, 32, (1, 5), generator=torch.Generator().manual_seed(0))
     report = assert_equivalent(model, ids, options={"inner": "eager"}, expect_batched=True)
     assert "not self-contained" not in (report.graphs[0].reason or "")
+
+
+def test_fp64_oracle_copies_models_that_keep_state_in_attributes():
+    """Found by the 5,040-model thorough run: with memory kept in module
+    attributes (``state_in_attributes``), gradients 3e-5 off eager fp32 sent
+    assert_equivalent to its float64 oracle, whose ``deepcopy`` of the model
+    raised on the non-leaf state tensors (RuntimeError from the test helper,
+    not a wrong result). ``float64_copy`` now copies such state detached."""
+    cfg = FamilyConfig(
+        vocab_size=32, d_model=32, n_layers=4, n_heads=4, d_ff=64, ffn_kind="swiglu", norm_placement="pre",
+        norm_kind="layernorm", bias=True, rope=True, segment_size=1, num_mem_tokens=1,
+        memory_kind="associative", d_mem=2, nu=2, state_in_attributes=True,
+    )
+    model = build_family_model(cfg, seed=497402)
+    ids = torch.tensor([[29, 10, 26, 24]])
+    assert_equivalent(model, ids, options={"inner": "eager"}, grads=True, expect_batched=True)
+    import diagpass
+
+    assert diagpass.counters["testing"]["grads_checked_against_fp64"] == 1  # the oracle really ran
+    twin = float64_copy(model)  # the model now holds graph-attached state from the runs above
+    assert next(twin.parameters()).dtype == torch.float64
