@@ -10,6 +10,7 @@ from diagpass.counters import counters
 from diagpass.errors import NotBatchable
 from diagpass.explain import explain
 from diagpass.regions import mark_compile_regions
+from diagpass.weights import stack_weights_
 from diagpass.report import DiagonalReport, GraphReport
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "diagonal_backend",
     "explain",
     "mark_compile_regions",
+    "stack_weights_",
 ]
 __version__ = "0.1.0"
 

@@ -27,6 +27,8 @@ from diagpass.passes.grad_mode import detach_no_grad_regions, has_grad_mode_swit
 from diagpass.passes.inline_subgraphs import has_subgraph_calls, inline_subgraphs
 from diagpass.passes.partition import partition
 from diagpass.passes.schedule import schedule
+from diagpass.passes.stacked_weights import lift_weight_stacks
+from diagpass.weights import OnFirstUse, WeightStackDispatch
 from diagpass.report import GraphReport
 
 log = logging.getLogger("diagpass")
@@ -182,6 +184,48 @@ def inner_compile(gm: fx.GraphModule, example_inputs, inner: str) -> Callable:
     return compile_fx(gm, example_inputs)
 
 
+def _compile_rewritten(gm: fx.GraphModule, example_inputs, opts: Options) -> Callable:
+    """The rewritten graph compiled; with weight stacks and static shapes, a
+    dispatch that reads weights stored stacked (``diagpass.stack_weights_``) as
+    views instead of copying them. Only the variant the example inputs need is
+    compiled now; the other compiles on its first use (shapes are static, so
+    compiling then on real arguments gives the same graph)."""
+
+    def compile_now(g, inputs):
+        # roll: glue runs eagerly, each group compiles its own kernel once
+        return g.forward if opts.roll else inner_compile(g, inputs, opts.inner)
+
+    lifted = None
+    if _static(gm, example_inputs):
+        try:
+            lifted = lift_weight_stacks(gm)
+        except Exception as e:  # noqa: BLE001 - an optimisation: never worth a crash
+            log.warning("diagpass: weight stacks not lifted (%s: %s); weights are copied per call", type(e).__name__, e)
+    if lifted is None:
+        return compile_now(gm, example_inputs)
+    copying = OnFirstUse(lambda args: compile_now(gm, list(args)))
+    stacked = OnFirstUse(lambda args: compile_now(lifted.gm, list(args)), counter="stacked_graphs_compiled")
+    dispatch = WeightStackDispatch(copying, stacked, lifted.param_indices)
+    views = dispatch.views(example_inputs)
+    if views is None:
+        copying(example_inputs)
+    else:
+        stacked((*example_inputs, *views))
+    return dispatch
+
+
+def _static(gm: fx.GraphModule, example_inputs) -> bool:
+    """No symbolic sizes anywhere in the inputs: a graph compiled later on real
+    arguments is then the graph Dynamo would have had compiled."""
+    if not all(isinstance(a, torch.Tensor) for a in example_inputs):
+        return False
+    for node in gm.graph.find_nodes(op="placeholder"):
+        v = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(v, torch.Tensor) and not all(isinstance(d, int) for d in v.shape):
+            return False
+    return True
+
+
 def _verified(compiled: Callable, original: fx.GraphModule, opts: Options) -> Callable:
     state = {"checked": False}
 
@@ -229,10 +273,10 @@ def diagonal_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict]
     report_count += 1
     del reports[:-_MAX_REPORTS]
     t0 = time.perf_counter()
-    if rewritten is not None and opts.roll:
-        compiled = rewritten.forward  # glue eager; each group compiles its kernel once
+    if rewritten is None:
+        compiled = inner_compile(gm, example_inputs, opts.inner)
     else:
-        compiled = inner_compile(rewritten if rewritten is not None else gm, example_inputs, opts.inner)
+        compiled = _compile_rewritten(rewritten, example_inputs, opts)
     report.timings["inner_s"] = time.perf_counter() - t0
     report.timings["entered_at"] = entered  # perf_counter(): Dynamo time = entered_at - call start
     report.timings["left_at"] = time.perf_counter()

@@ -89,6 +89,7 @@ class _Emitter:
         if role not in self.stacks:
             params = [self.env[p] for p in self.grid.stack.by_role(role)]
             self.stacks[role] = self.graph.call_function(torch.stack, (params,))
+            self.stacks[role].meta["diagpass_weight_stack"] = role  # see passes/stacked_weights.py
             counters["batch"]["weight_stacks"] += 1
         return self.stacks[role]
 

@@ -1,0 +1,115 @@
+"""Layer weights stored stacked, and the per-call choice of graph that uses them.
+
+    diagpass.stack_weights_(model.layers)    # once, after building / loading the model
+    fast = torch.compile(model, backend="diagonal")
+
+See ``diagpass/passes/stacked_weights.py`` for the graph variant this feeds.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from diagpass.counters import counters
+
+
+def stacked_view(params: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``torch.stack(params)`` without a copy, if ``params`` are consecutive
+    contiguous slices of one storage (what ``stack_weights_`` makes); else None."""
+    first = params[0]
+    if not first.is_contiguous():
+        return None
+    storage = first.untyped_storage().data_ptr()
+    numel, offset = first.numel(), first.storage_offset()
+    for i, p in enumerate(params):
+        if (
+            p.untyped_storage().data_ptr() != storage
+            or p.storage_offset() != offset + i * numel
+            or p.shape != first.shape
+            or p.dtype != first.dtype
+            or not p.is_contiguous()
+        ):
+            return None
+    return first.detach().as_strided((len(params), *first.shape), (numel, *first.stride()), offset)
+
+
+class OnFirstUse:
+    """``self(args)`` -> the function ``make(args)`` built on the first call."""
+
+    def __init__(self, make: Callable, counter: Optional[str] = None):
+        self.make, self.counter, self.fn = make, counter, None
+
+    def __call__(self, args) -> Callable:
+        if self.fn is None:
+            self.fn = self.make(args)
+            if self.counter:
+                counters["stacked_weights"][self.counter] += 1
+        return self.fn
+
+
+class WeightStackDispatch:
+    """Calls the stacked-views variant when it is valid for these arguments,
+    else the copying graph.
+
+    ``copying(args)`` / ``stacked(args)`` return the compiled rewritten graph /
+    its variant with the weight stacks as trailing inputs (``OnFirstUse``).
+    """
+
+    def __init__(self, copying: Callable, stacked: Callable, param_indices):
+        self.copying = copying
+        self.stacked = stacked
+        self.param_indices = param_indices
+
+    def views(self, args) -> Optional[list]:
+        groups = [[args[i] for i in idx] for idx in self.param_indices]
+        if torch.is_grad_enabled() and any(p.requires_grad for g in groups for p in g):
+            return None
+        views = []
+        for g in groups:
+            v = stacked_view(g)
+            if v is None:
+                return None
+            views.append(v)
+        return views
+
+    def __call__(self, *args):
+        views = self.views(args)
+        if views is None:
+            counters["stacked_weights"]["copying_calls"] += 1
+            return self.copying(args)(*args)
+        counters["stacked_weights"]["view_calls"] += 1
+        full = (*args, *views)
+        return self.stacked(full)(*full)
+
+
+def stack_weights_(layers: torch.nn.Module) -> int:
+    """Store the parameters of ``layers`` (an ``nn.ModuleList`` of identical
+    layers) stacked: each parameter name becomes one contiguous ``(L, ...)``
+    tensor and every layer's parameter a view of its slice (same ``Parameter``
+    objects: optimizers and state dicts are unaffected). The diagonal backend
+    then reads the stack instead of copying the weights on each call. Returns
+    how many parameter names were stacked."""
+    modules = list(layers)
+    if len(modules) < 2:
+        return 0
+    names = [n for n, _ in modules[0].named_parameters()]
+    stacked = 0
+    with torch.no_grad():
+        for name in names:
+            try:
+                params = [m.get_parameter(name) for m in modules]
+            except AttributeError:
+                continue
+            first = params[0]
+            if any(p.shape != first.shape or p.dtype != first.dtype or p.device != first.device for p in params):
+                continue
+            if stacked_view(params) is not None:
+                stacked += 1
+                continue
+            big = torch.stack([p.detach() for p in params])
+            for i, p in enumerate(params):
+                p.data = big[i]
+            stacked += 1
+    return stacked

@@ -1,0 +1,110 @@
+"""Weights stored stacked (diagpass.stack_weights_) are read as views, never wrongly."""
+
+import pytest
+import torch
+
+import diagpass
+from diagpass.models.armt import build_armt, randomize_memory_
+from diagpass.testing import assert_equivalent
+from diagpass.weights import stacked_view
+
+
+def _model(arch="llama", stacked=True):
+    model = build_armt(arch, num_layers=3, segment_size=8, num_mem_tokens=2, d_mem=8)
+    randomize_memory_(model)
+    if stacked:
+        diagpass.stack_weights_(model.layers)
+    return model
+
+
+def _ids(S=6, batch=1):
+    return torch.randint(0, 128, (batch, 8 * S), generator=torch.Generator().manual_seed(0))
+
+
+def test_stack_weights_keeps_parameters_and_values():
+    model = _model(stacked=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {n: p for n, p in model.named_parameters()}
+    ids = _ids()
+    with torch.no_grad():
+        out = model(ids)
+    roles = diagpass.stack_weights_(model.layers)
+    assert roles == len(list(model.layers[0].parameters()))
+    assert diagpass.stack_weights_(model.layers) == roles  # idempotent: already stacked
+    assert {n: p for n, p in model.named_parameters()} == params  # same Parameter objects
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    q = [layer.layer.self_attn.q_proj.weight for layer in model.layers]
+    view = stacked_view(q)
+    assert view is not None and view.data_ptr() == q[0].data_ptr()
+    torch.testing.assert_close(view, torch.stack(q), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), out, rtol=0, atol=0)
+
+
+def test_stacked_view_refuses_anything_else():
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    assert stacked_view([a, b]) is None  # two storages
+    big = torch.randn(3, 4, 4)
+    assert stacked_view([big[0], big[2]]) is None  # not consecutive
+    assert stacked_view([big[1], big[0]]) is None  # wrong order
+    assert stacked_view([big[0].t(), big[1].t()]) is None  # not contiguous
+    assert stacked_view([big[0], big[1]]).shape == (2, 4, 4)
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_inference_reads_views_and_matches(inner):
+    model = _model()
+    assert_equivalent(model, _ids(), options={"inner": inner}, expect_batched=True)
+    c = diagpass.counters["stacked_weights"]
+    assert c["view_calls"] == 1 and c["copying_calls"] == 0
+    assert c["stacked_graphs_compiled"] == 1
+
+
+def test_unstacked_model_copies_and_never_compiles_the_variant():
+    model = _model(stacked=False)
+    assert_equivalent(model, _ids(), options={"inner": "eager"}, expect_batched=True)
+    c = diagpass.counters["stacked_weights"]
+    assert c["copying_calls"] == 1 and c["view_calls"] == 0 and c["stacked_graphs_compiled"] == 0
+
+
+def test_broken_layout_after_compile_falls_back_to_copying():
+    """A parameter replaced after compilation (load_state_dict(assign=True),
+    .to(), manual surgery) is no longer a slice of the stack: the views would
+    read stale weights. The dispatch must notice and copy."""
+    model = _model()
+    ids = _ids()
+    fast = torch.compile(model, backend="diagonal", options={"inner": "eager"})
+    with torch.no_grad():
+        fast(ids)
+        w = model.layers[1].layer.mlp.up_proj.weight
+        w.data = w.data.clone() * 1.5  # same Parameter, new storage
+        expected = model(ids)
+        got = fast(ids)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    c = diagpass.counters["stacked_weights"]
+    assert c["view_calls"] == 1 and c["copying_calls"] == 1
+
+
+def test_optimizer_steps_keep_the_layout_and_training_copies():
+    model = _model(arch="gpt2")
+    ids = _ids(S=5, batch=2)
+    assert_equivalent(model, ids, options={"inner": "aot_eager"}, grads=True, expect_batched=True)
+    assert diagpass.counters["stacked_weights"]["view_calls"] == 0  # gradients need the copying graph
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.step()  # in place: the parameters stay slices of their stacks
+    torch._dynamo.reset()
+    diagpass.counters.clear()
+    assert_equivalent(model, ids, options={"inner": "eager"}, expect_batched=True)
+    assert diagpass.counters["stacked_weights"]["view_calls"] == 1
+
+
+def test_dynamic_shapes_never_lift():
+    model = _model()
+    fast = torch.compile(model, backend="diagonal", options={"inner": "eager"}, dynamic=True)
+    with torch.no_grad():
+        for batch in (1, 2):
+            ids = _ids(batch=batch)
+            torch.testing.assert_close(fast(ids), model(ids), rtol=1e-5, atol=1e-5)
+    c = diagpass.counters["stacked_weights"]
+    assert c["stacked_graphs_compiled"] == 0 and c["view_calls"] == 0
