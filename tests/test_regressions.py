@@ -55,3 +55,26 @@ def test_fp64_oracle_copies_models_that_keep_state_in_attributes():
     assert diagpass.counters["testing"]["grads_checked_against_fp64"] == 1  # the oracle really ran
     twin = float64_copy(model)  # the model now holds graph-attached state from the runs above
     assert next(twin.parameters()).dtype == torch.float64
+
+
+def test_ill_conditioned_gradients_are_judged_against_reordering_noise():
+    """Found by the thorough run (associative memory, memory parameters outside
+    the layers, one-token segments): a DPFP query with q.z == 0 exactly makes
+    the read divide by eps = 1e-5, so gradients pass through 3e9-sized terms
+    that cancel. Eager fp32 lands 0.016 from fp64 only because both sides of the
+    cancellation round identically; the *sequential* compiled model (no
+    diagpass) is 73 (aot_eager) and 146 (Inductor) off, the batched one 146.
+    Measured, not a wrong rewrite: assert_equivalent now takes the sequential
+    compiled model's error as the reference when eager's is not enough."""
+    import diagpass
+
+    cfg = FamilyConfig(
+        vocab_size=32, d_model=8, n_layers=2, n_heads=1, d_ff=16, ffn_kind="swiglu", norm_placement="post",
+        norm_kind="layernorm", bias=True, rope=False, segment_size=1, num_mem_tokens=3,
+        memory_kind="associative", d_mem=3, nu=2, memory_params_outside=True,
+    )
+    model = build_family_model(cfg, seed=2489)
+    ids = torch.tensor([[25, 24, 10, 28]])
+    report = assert_equivalent(model, ids, options={"inner": "eager"}, grads=True, expect_batched=True)
+    assert report.graphs[0].batched_groups == [[(2, 0), (1, 1)]]
+    assert diagpass.counters["testing"]["grads_checked_against_sequential_compiled"] == 1
