@@ -33,7 +33,7 @@ def main():
     mode, device = sys.argv[2], sys.argv[3]
     torch.set_num_threads(torch.get_num_threads())
     with torch.no_grad():
-        model = build(point, mode.startswith("base"), device)
+        model = build(point, mode.startswith("base"), device, stacked=mode == "diag_stacked")
         x = inputs(point, device)
         fn = make_fn(mode, model)
         out = {}

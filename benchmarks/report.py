@@ -9,6 +9,7 @@ MODE_NAMES = {
     "eager": "eager sequential",
     "inductor": "Inductor sequential",
     "diagonal": "diagonal (Inductor)",
+    "diag_stacked": "diagonal (Inductor), weights stored stacked",
     "diag_aot": "diagonal (aot_eager)",
     "rolled": "diagonal rolled (Inductor kernels, compiled once)",
     "seq_rolled": "sequential rolled (one cell per kernel call)",

@@ -14,12 +14,15 @@ import torch
 from .configs import Point
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-ALL_MODES = ["eager", "inductor", "diagonal", "rolled", "seq_rolled", "diag_aot", "base_eager", "base_inductor"]
-QUICK_MODES = ["eager", "inductor", "diagonal", "base_eager"]
-DEFAULT_MODES = ["eager", "inductor", "diagonal", "base_eager", "base_inductor"]
+ALL_MODES = ["eager", "inductor", "diagonal", "diag_stacked", "rolled", "seq_rolled", "diag_aot", "base_eager",
+             "base_inductor"]
+QUICK_MODES = ["eager", "inductor", "diagonal", "diag_stacked", "base_eager"]
+DEFAULT_MODES = ["eager", "inductor", "diagonal", "diag_stacked", "base_eager", "base_inductor"]
 
 
-def build(point: Point, base: bool, device: str = "cpu"):
+def build(point: Point, base: bool, device: str = "cpu", stacked: bool = False):
+    """The benchmark model; ``stacked``: layer weights stored stacked
+    (``diagpass.stack_weights_``), read by the diagonal graph without a copy."""
     from diagpass.models.armt import build_armt, randomize_memory_
     from diagpass.models.hf_layers import build_base_model
 
@@ -34,7 +37,12 @@ def build(point: Point, base: bool, device: str = "cpu"):
         m = build_armt("llama", **common, segment_size=point.segment_size,
                        num_mem_tokens=point.num_mem_tokens, d_mem=sh.d_mem, seed=0, dtype=dtype)
         randomize_memory_(m)
-    return m.to(device).eval()
+    m = m.to(device).eval()
+    if stacked:
+        import diagpass
+
+        diagpass.stack_weights_(m.layers)
+    return m
 
 
 def make_fn(mode: str, model) -> Callable:
@@ -42,7 +50,7 @@ def make_fn(mode: str, model) -> Callable:
         f = model
     elif mode == "inductor":
         f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "enabled": False})
-    elif mode == "diagonal":
+    elif mode in ("diagonal", "diag_stacked"):
         f = torch.compile(model, backend="diagonal", options={"inner": "inductor"})
     elif mode == "rolled":
         f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "roll": True})
@@ -99,10 +107,10 @@ def measure_point(point: Point, modes: List[str], repeats: int, device: str = "c
     models = {}
     with torch.no_grad():
         for mode in modes:
-            base = mode.startswith("base")
-            if base not in models:
-                models[base] = build(point, base, device)
-            fn = make_fn(mode, models[base])
+            key = (mode.startswith("base"), mode == "diag_stacked")
+            if key not in models:
+                models[key] = build(point, *key[:1], device, stacked=key[1])
+            fn = make_fn(mode, models[key])
             t0 = time.perf_counter()
             try:
                 first = _timed(fn, x, device)
@@ -111,7 +119,7 @@ def measure_point(point: Point, modes: List[str], repeats: int, device: str = "c
                 res[mode] = {"error": f"{type(e).__name__}: {e}"}
                 continue
             entry = {"first_call_s": first}
-            if mode in ("diagonal", "rolled", "seq_rolled", "diag_aot", "inductor"):
+            if mode in ("diagonal", "diag_stacked", "rolled", "seq_rolled", "diag_aot", "inductor"):
                 entry["diag"] = _diag_report()
             _timed(fn, x, device)  # one warm-up call
             fns[mode] = fn
