@@ -109,6 +109,21 @@ def assert_equivalent(
     return report
 
 
+def assert_matches_eager(model: torch.nn.Module, actual, *args, rtol: float = 1e-5, atol: float = 1e-5, **kwargs) -> None:
+    """Assert ``actual`` (an output you computed yourself, e.g. from a model
+    compiled once and called at several lengths) equals ``model(*args,
+    **kwargs)`` in eager, by ``assert_equivalent``'s rule for outputs: within
+    ``rtol``/``atol``, or else at most 2x eager fp32's own error against an
+    fp64 run (deep recurrences make eager fp32 itself 1e-5 off the exact
+    result on some inputs)."""
+    with torch.no_grad():
+        expected = model(*args, **kwargs)
+    try:
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+    except AssertionError as e:
+        _assert_outputs_as_exact_as_eager(model, args, kwargs, actual, expected, atol, f"outputs differ: {e}")
+
+
 def _state_memo(model: torch.nn.Module) -> dict:
     """``deepcopy`` memo mapping every non-leaf tensor a module keeps in a plain
     attribute (memory stored as ``self.mem = ...``, as research code does) to a

@@ -63,7 +63,7 @@ Key/value-cache decoding
 Used by :mod:`diagpass.models.generation` to decode one position at a time against the
 cached keys/values of the current segment. :meth:`LayerCaller.call_cached` passes a
 ``transformers.DynamicCache`` (:func:`new_cache`) through the layer's own cache keyword
-(:data:`CACHE_KWARGS`: ``past_key_values`` in 5.x, ``past_key_value`` in 4.4x llama /
+(:data:`CACHE_KWARGS`: ``cache`` from 5.24, ``past_key_values`` in earlier 5.x, ``past_key_value`` in 4.4x llama /
 qwen2 / mistral, ``layer_past`` in gpt_neox), plus ``use_cache=True`` and, where
 declared (4.4x), ``cache_position``; the attention appends its new keys/values under its
 ``layer_idx``. :func:`make_step_context` gives the ``(1, 1, q, past + q)`` mask (always
@@ -368,9 +368,9 @@ def make_step_context(
 
 
 # the cache keyword of a decoder layer's forward, newest spelling first:
-# 5.x llama/qwen2/mistral/gpt2 ``past_key_values``; 4.4x llama/qwen2/mistral
+# 5.24+ ``cache`` (``past_key_values`` deprecated); 5.x llama/qwen2/mistral/gpt2 ``past_key_values``; 4.4x llama/qwen2/mistral
 # ``past_key_value``; gpt_neox (4.4x and 5.x) and 4.4x gpt2 ``layer_past``
-CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 def _attention_layer_index(layer: nn.Module) -> int | None:

@@ -6,7 +6,7 @@ import torch
 import diagpass
 from diagpass.models.armt import build_armt, randomize_memory_
 from diagpass.passes.roll import clear_kernel_cache, power_of_two_chunks
-from diagpass.testing import assert_equivalent
+from diagpass.testing import assert_equivalent, assert_matches_eager
 
 
 def test_power_of_two_chunks():
@@ -44,12 +44,13 @@ def test_new_segment_count_compiles_no_new_step():
     compiled = torch.compile(model, backend="diagonal", options={"roll": True, "inner": "aot_eager"})
     with torch.no_grad():
         ids = torch.randint(0, 128, (1, 8 * 7))
-        torch.testing.assert_close(compiled(ids), model(ids), rtol=1e-5, atol=1e-5)
+        assert_matches_eager(model, compiled(ids), ids)
         first = diagpass.counters["roll"]["kernels_compiled"]
         assert first > 0
         for segments in (6, 10):
             ids = torch.randint(0, 128, (1, 8 * segments))
-            torch.testing.assert_close(compiled(ids), model(ids), rtol=1e-5, atol=1e-5)
+            # eager fp32 itself is up to 5e-5 off fp64 on some inputs at S = 10
+            assert_matches_eager(model, compiled(ids), ids)
     assert diagpass.counters["roll"]["kernels_compiled"] == first
     assert diagpass.counters["backend"]["graphs_batched"] == 3  # Dynamo traced 3 graphs
 
