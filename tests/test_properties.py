@@ -82,9 +82,10 @@ def _equivalent_fp32(drawn, options, grads):
     try:
         report = assert_equivalent(model, ids, options=options, grads=grads, expect_batched=batchable)
     except AssertionError as e:
-        if "differ" not in str(e):
+        if "differ" not in str(e) and "less exact" not in str(e):
             raise
-        # Conditioning or a wrong result? Same weights in float64 decide.
+        # Conditioning or a wrong result? Same weights in float64 decide: the
+        # rewrite must match eager to 1e-9 there, outputs and gradients.
         twin = float64_copy(model)
         report = assert_equivalent(twin, ids, options=options, grads=grads, expect_batched=batchable,
                                    rtol=1e-9, atol=1e-9)
