@@ -154,9 +154,9 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
 
 def _check_with_fake_tensors(gm: fx.GraphModule) -> None:
     """Trace the rewritten graph on the placeholders' fake tensors: a batched
-    call that cannot run (an op vmap cannot batch) fails here, not at run time."""
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
+    call that cannot run (an op vmap cannot batch) fails here, not at run time.
+    Glue whose inputs did not change is not re-run (``diagpass.fake_check``)."""
+    from diagpass.fake_check import ChangedNodesFakeProp
     from diagpass.runtime import memoized_fake_outputs
 
     fakes = [n.meta.get("example_value") for n in gm.graph.find_nodes(op="placeholder")]
@@ -165,7 +165,7 @@ def _check_with_fake_tensors(gm: fx.GraphModule) -> None:
         raise NotBatchable("placeholders carry no fake tensors to check the rewrite with")
     try:
         with mode, memoized_fake_outputs():
-            FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+            ChangedNodesFakeProp(gm, mode).propagate_dont_convert_inputs(*fakes)
     except Exception as e:  # noqa: BLE001
         raise NotBatchable(f"the batched graph does not trace ({type(e).__name__}: {e})") from e
 

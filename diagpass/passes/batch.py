@@ -84,6 +84,7 @@ class _Emitter:
 
     def copy(self, node: fx.Node) -> None:
         self.env[node] = self.graph.node_copy(node, lambda x: self.env[x])
+        self.env[node].meta["diagpass_copied"] = True  # see diagpass/fake_check.py
 
     def weight_stack(self, role: str) -> fx.Node:
         if role not in self.stacks:
@@ -137,7 +138,8 @@ class _Emitter:
         for j in range(len(rep.outputs)):
             stacked = self.graph.call_function(operator.getitem, (call, j))
             for i, cell in enumerate(cells):
-                self.env[cell.outputs[j]] = self.graph.call_function(operator.getitem, (stacked, i))
+                out = self.env[cell.outputs[j]] = self.graph.call_function(operator.getitem, (stacked, i))
+                out.meta["diagpass_replaces"] = example_value(cell.outputs[j])  # see diagpass/fake_check.py
         return True
 
 
