@@ -56,12 +56,12 @@ def step(model_fn, opt, ids, target):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--inner", default="inductor", choices=["inductor", "aot_eager", "eager"])
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--segments", type=int, default=4, help=">= 4 so that middle cells batch")
     ap.add_argument("--segment-size", type=int, default=8)
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--pairs", type=int, default=1, help="1 is learned in 400 steps; 2-3 need far more")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--seed", type=int, default=0)
@@ -112,7 +112,12 @@ def main():
     k = max(1, args.steps // 10)
     mean = lambda xs: sum(xs) / len(xs)
     print()
-    print(f"max |loss_eager - loss_diag| over {args.steps} steps: {max(diffs):.3e} (first step {diffs[0]:.3e})")
+    early = min(50, args.steps)
+    print(
+        f"max |loss_eager - loss_diag|: first step {diffs[0]:.3e}, first {early} steps {max(diffs[:early]):.3e}, "
+        f"all {args.steps} steps {max(diffs):.3e} (rounding differences grow through the optimizer: "
+        f"the runs are the same math, not the same bits)"
+    )
     for name in ("eager", "diag"):
         print(
             f"{name:>5}: loss step 0 {curves[name][0]:.3f}, first {k} steps {mean(curves[name][:k]):.3f} -> "
@@ -130,7 +135,9 @@ def main():
         f"cells batched {diagpass.counters['batch']['cells']}"
     )
     for name in ("eager", "diag"):
-        assert mean(curves[name][-k:]) < curves[name][0] - 1.0, f"{name}: loss did not clearly decrease"
+        # below the no-recall baseline ln 16 by a margin: the value was carried
+        # from segment 0 to the last segment through the memory
+        assert mean(curves[name][-k:]) < math.log(len(VALUES)) - 0.5, f"{name}: recall not learned"
 
 
 if __name__ == "__main__":
