@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 import diagpass
 from diagpass import backend as _backend
 from diagpass.models.family import MEMORY_KINDS, cell_schedule, num_segments
-from diagpass.testing import assert_equivalent, float64_copy
+from diagpass.testing import assert_equivalent, float64_copy, rounding_sensitivity
 from diagpass.testing_strategies import DTYPE_TOLERANCES, rmt_models
 
 # Default suite: ~105 models (7 kinds x 15); the slow-marked soak below adds
@@ -96,7 +96,13 @@ def _equivalent_fp32(drawn, options, grads):
             got32 = torch.compile(model, backend="diagonal", options=options)(ids)
         own = (ref32.double() - ref64).abs().max().item()
         err = (got32.double() - ref64).abs().max().item()
-        assert err <= 4 * own + 1e-5, f"fp32 error {err} vs eager fp32's own error {own}: {drawn!r}"
+        if err > 4 * own + 1e-5:
+            # eager's own error can be small by luck: judge against how far one
+            # ulp of weight perturbation moves this model (its fp32 noise floor)
+            floor = rounding_sensitivity(model, ids)
+            assert err <= 4 * max(own, floor) + 1e-5, (
+                f"fp32 error {err} vs eager fp32's own error {own}, rounding sensitivity {floor}: {drawn!r}"
+            )
     _check_structure(drawn, report, before)
     return report
 

@@ -127,3 +127,32 @@ def test_fp32_gradient_noise_is_decided_in_float64():
     assert report.graphs[0].batched_groups == [
         [(2, 0), (1, 1)], [(3, 0), (2, 1), (1, 2)], [(3, 1), (2, 2), (1, 3)], [(3, 2), (2, 3)]
     ]
+
+
+def test_fp32_gap_beyond_eagers_own_error_is_within_the_rounding_sensitivity():
+    """Found (and shrunk) by the 2026-11-25 thorough run: associative memory
+    with d_mem=2, S=5, L=3, batch 2. Batched fp32 is 1.05e-3 off fp64 where
+    eager (and the sequential compiled model) is 1.0e-4 -- 10x, beyond the old
+    4x bound. In float64 the batched model equals eager to 1e-9; perturbing
+    every weight by one fp32 ulp moves eager's output by ~5e-3: eager's small
+    error is luck of its rounding order, and ``rounding_sensitivity`` is the
+    noise floor the property test now also accepts."""
+    from diagpass.testing import rounding_sensitivity
+
+    cfg = FamilyConfig(
+        vocab_size=32, d_model=16, n_layers=3, n_heads=2, n_kv_heads=1, d_ff=None, ffn_kind="gelu_mlp",
+        norm_placement="pre", norm_kind="rmsnorm", bias=False, rope=False, segment_size=4, num_mem_tokens=0,
+        memory_kind="associative", d_mem=2, nu=2, memory_shift=1, detach_every=3,
+    )
+    model = build_family_model(cfg, seed=2)
+    ids = torch.randint(0, 32, (2, 17), generator=torch.Generator().manual_seed(2))
+    assert_equivalent(float64_copy(model), ids, options={"inner": "eager"}, expect_batched=True, rtol=1e-9, atol=1e-9)
+    exact = float64_copy(model)(ids)
+    with torch.no_grad():
+        own = float((model(ids).double() - exact).abs().max())
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="diagonal", options={"inner": "eager"})(ids)
+    err = float((got.double() - exact).abs().max())
+    floor = rounding_sensitivity(model, ids)
+    assert floor > 10 * own  # the model really is this ill-conditioned
+    assert err <= 4 * max(own, floor) + 1e-5
