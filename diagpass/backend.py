@@ -11,7 +11,9 @@ are treated the same way: a user never sees a traceback from the pass.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import logging
 import time
 from typing import Callable, List, Optional
@@ -93,8 +95,28 @@ def reports_since(mark: int) -> List[GraphReport]:
     return list(reports[-new:]) if new > 0 else []
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """The passes allocate many small tuples (cell signatures) next to a heap
+    of ~10^5 FX nodes and fake tensors: cyclic GC passes over that heap made
+    the signatures 5x slower at S=128 (3.9 s -> 0.7 s paused). Nothing the
+    passes build is cyclic garbage worth collecting mid-pass."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def analyze(gm: fx.GraphModule, options: Options):
     """Run the passes; return (rewritten gm or None, report)."""
+    with _gc_paused():
+        return _analyze(gm, options)
+
+
+def _analyze(gm: fx.GraphModule, options: Options):
     report = GraphReport(num_nodes=len(gm.graph.nodes))
     t0 = time.perf_counter()
     try:

@@ -6,11 +6,16 @@ traced away: what reaches Inductor are plain batched aten ops (bmm, batched
 SDPA), forward and backward.
 
 ``torch.vmap`` batches the cell over a new leading group dim, except for
-``scaled_dot_product_attention``: on CPU its kernel has no batching rule and
-vmap would fall back to a Python loop, but SDPA already accepts extra leading
-batch dims, so the group dim is folded into the batch instead. The template
-is cut at every SDPA node into pieces; pieces run under vmap, SDPA nodes run
-directly on the stacked tensors.
+nodes run *directly* on the stacked tensors:
+
+- ``scaled_dot_product_attention``: on CPU its kernel has no batching rule and
+  vmap would fall back to a Python loop, but SDPA already accepts extra
+  leading batch dims, so the group dim is folded into the batch instead.
+- ``torch.cat``: vmap's rule reads concrete sizes, which specialises a kernel
+  compiled for a symbolic group size (``passes/roll.py``) to one width; cat
+  of the stacked inputs along the shifted dim is the same op.
+
+The template is cut at every direct node into pieces; pieces run under vmap.
 """
 
 from __future__ import annotations
@@ -65,6 +70,24 @@ def is_sdpa(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in SDPA_TARGETS
 
 
+def is_direct_cat(node: fx.Node) -> bool:
+    """``torch.cat(tensors, dim)`` of same-rank tensors (cat's legacy rule
+    skips 1-D empty inputs, which stacking would not)."""
+    if node.op != "call_function" or node.target is not torch.cat or set(node.kwargs) - {"dim"}:
+        return False
+    if len(node.args) not in (1, 2) or not isinstance(node.args[0], (list, tuple)):
+        return False
+    dim = node.args[1] if len(node.args) == 2 else node.kwargs.get("dim", 0)
+    values = [a.meta.get("example_value") if isinstance(a, fx.Node) else None for a in node.args[0]]
+    if not isinstance(dim, int) or not all(isinstance(v, torch.Tensor) for v in values):
+        return False
+    return len({v.dim() for v in values}) == 1 and values[0].dim() > 0
+
+
+def is_direct(node: fx.Node) -> bool:
+    return is_sdpa(node) or is_direct_cat(node)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Ref:
     """A value of the template by name (pieces hold no fx.Node: picklable)."""
@@ -90,7 +113,7 @@ class _Piece:
     outputs: List[str]
 
 
-def _split_at_sdpa(template: fx.GraphModule) -> Tuple[List[str], List[_Piece], List[str]]:
+def _split_at_direct_nodes(template: fx.GraphModule) -> Tuple[List[str], List[_Piece], List[str]]:
     graph = template.graph
     placeholders = [n.name for n in graph.find_nodes(op="placeholder")]
     out_node = next(iter(graph.find_nodes(op="output")))
@@ -99,7 +122,7 @@ def _split_at_sdpa(template: fx.GraphModule) -> Tuple[List[str], List[_Piece], L
 
     runs: List[List[fx.Node]] = [[]]
     for n in body:
-        if is_sdpa(n):
+        if is_direct(n):
             runs.append([n])
             runs.append([])
         else:
@@ -124,7 +147,7 @@ def _split_at_sdpa(template: fx.GraphModule) -> Tuple[List[str], List[_Piece], L
             for n in run
             if n.name in final or any(j > i for j in users_after.get(n.name, ()))
         ]
-        if len(run) == 1 and is_sdpa(run[0]):
+        if len(run) == 1 and is_direct(run[0]):
             n = run[0]
             ref = lambda a: _Ref(a.name)  # noqa: E731
             direct = _Direct(n.name, n.target, fx.map_arg(n.args, ref), fx.map_arg(n.kwargs, ref))
@@ -153,15 +176,25 @@ class BatchedCell(torch.nn.Module):
         self.template = template
         self.in_dims = tuple(in_dims)
         self.group_size = group_size
-        self._placeholders, self._pieces, self._final = _split_at_sdpa(template)
+        self._placeholders, self._pieces, self._final = _split_at_direct_nodes(template)
         for i, p in enumerate(self._pieces):
             if p.gm is not None:
                 self.add_module(f"piece{i}", p.gm)
 
-    def _stacked(self, value, batched: bool):
+    def _group_size(self, args):
+        """G from the stacked arguments, not ``self.group_size``: a kernel
+        compiled for a symbolic group size (``passes/roll.py``) then serves
+        every G."""
+        for a, d in zip(args, self.in_dims):
+            if d is not None and isinstance(a, torch.Tensor):
+                return a.shape[0]
+        return self.group_size
+
+    @staticmethod
+    def _stacked(value, batched: bool, G):
         if batched or not isinstance(value, torch.Tensor):
             return value
-        return value.expand(self.group_size, *value.shape)
+        return value.expand(G, *value.shape)
 
     def forward(self, *args):
         if _fake_memo is None:
@@ -181,13 +214,15 @@ class BatchedCell(torch.nn.Module):
         return outs
 
     def _run(self, *args):
+        G = self._group_size(args)
         env = {
             name: (a, d is not None)
             for name, a, d in zip(self._placeholders, args, self.in_dims)
         }
         for piece in self._pieces:
             if piece.gm is None:
-                env[piece.node.name] = (self._sdpa(piece.node, env), True)
+                run = self._sdpa if piece.node.target in SDPA_TARGETS else self._cat
+                env[piece.node.name] = run(piece.node, env, G)
                 continue
             values = [env[name] for name in piece.inputs]
             if not any(b for _, b in values):
@@ -199,9 +234,17 @@ class BatchedCell(torch.nn.Module):
                 batched = True
             for name, out in zip(piece.outputs, outs):
                 env[name] = (out, batched)
-        return tuple(self._stacked(*env[name]) for name in self._final)
+        return tuple(self._stacked(*env[name], G) for name in self._final)
 
-    def _sdpa(self, node: _Direct, env):
+    def _cat(self, node: _Direct, env, G):
+        """cat of per-cell tensors = cat of stacked tensors one dim further in."""
+        dim = node.args[1] if len(node.args) == 2 else node.kwargs.get("dim", 0)
+        values = [env[a.name] if isinstance(a, _Ref) else (a, False) for a in node.args[0]]
+        if not any(b for _, b in values):
+            return torch.cat([v for v, _ in values], dim), False
+        return torch.cat([self._stacked(v, b, G) for v, b in values], dim + 1 if dim >= 0 else dim), True
+
+    def _sdpa(self, node: _Direct, env, G):
         """SDPA on stacked (G, B, ...) tensors, the group dim folded into B.
 
         Folded explicitly (not left to SDPA's own leading-dim support): the
@@ -216,8 +259,7 @@ class BatchedCell(torch.nn.Module):
         def fetch(a):
             return env[a.name] if isinstance(a, _Ref) else (a, False)
 
-        G = self.group_size
-        q, k, v = (self._stacked(*fetch(bound[n])) for n in names[:3])
+        q, k, v = (self._stacked(*fetch(bound[n]), G) for n in names[:3])
         lead = q.shape[1] if q.dim() >= 4 else None  # per-cell batch dim, folded into G
 
         def fold(x):
@@ -234,4 +276,4 @@ class BatchedCell(torch.nn.Module):
                 mask = mask.expand(G, lead, *mask.shape[2:])
             mask = fold(mask)
         out = node.target(fold(q), fold(k), fold(v), mask, *rest_args, **rest_kwargs)
-        return out if lead is None else out.reshape(G, lead, *out.shape[1:])
+        return (out if lead is None else out.reshape(G, lead, *out.shape[1:])), True

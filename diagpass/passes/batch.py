@@ -35,7 +35,7 @@ from diagpass.counters import counters
 from diagpass.ir.cells import Cell, CellGrid
 from diagpass.ir.schedule import Group, Schedule
 from diagpass.passes.graph_utils import example_value
-from diagpass.passes.roll import CompiledGroup, group_structure, power_of_two_chunks
+from diagpass.passes.roll import CompiledGroup, group_structure
 from diagpass.runtime import BatchedCell
 
 
@@ -125,13 +125,13 @@ class _Emitter:
                 return False
             args.append(slot[0])
             dims.append(slot[1])
-        structure = group_structure(rep.signature, len(cells), dims)
-        target = self.module_for.get((structure, roll_inner))
+        structure = group_structure(rep.signature, dims)
+        target = self.module_for.get((structure, len(cells), roll_inner))
         if target is None:
             module = BatchedCell(_template(rep), dims, len(cells))
             if roll_inner is not None:
                 module = CompiledGroup(module, structure, roll_inner)
-            target = self.module_for[(structure, roll_inner)] = name
+            target = self.module_for[(structure, len(cells), roll_inner)] = name
             self.modules[name] = module
             counters["batch"]["modules"] += 1
         call = self.graph.call_module(target, tuple(args))
@@ -160,24 +160,21 @@ def _lookup(gm: fx.GraphModule, target: str):
 
 
 def _emit_rolled(em: "_Emitter", name: str, group: Group, inner: str, done: List[Group], min_group: int) -> None:
-    """Roll mode: every group (singletons too) runs a cached kernel, split
-    into power-of-two chunks so kernels do not depend on the wavefront width.
-    Groups below ``min_group`` run cell by cell (the sequential baseline)."""
-    start = 0
-    sizes = power_of_two_chunks(group.size) if group.size >= min_group else [1] * group.size
-    for k, size in enumerate(sizes):
-        chunk = group.cells[start : start + size]
-        start += size
+    """Roll mode: every group (singletons too) runs a cached kernel; one
+    kernel serves every group width (``passes/roll.py``). Groups below
+    ``min_group`` run cell by cell (the sequential baseline)."""
+    chunks = [group.cells] if group.size >= min_group else [[c] for c in group.cells]
+    for k, chunk in enumerate(chunks):
         if not em.batched(f"{name}_{k}", chunk, roll_inner=inner):
             for cid in chunk:
                 for node in em.grid.cells[cid].nodes:
                     em.copy(node)
             continue
         counters["roll"]["group_calls"] += 1
-        if size > 1:
+        if len(chunk) > 1:
             done.append(Group(list(chunk)))
             counters["batch"]["groups"] += 1
-            counters["batch"]["cells"] += size
+            counters["batch"]["cells"] += len(chunk)
 
 
 def batch_wavefronts(

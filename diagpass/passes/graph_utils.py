@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import operator
 import re
 from typing import Optional
@@ -14,8 +15,11 @@ _CONTAINER = re.compile(r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]
 _ITEM = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def dotted_path(source_name: str) -> str:
-    """``L['self']._modules['layers']._modules['0'].q`` -> ``layers.0.q``."""
+    """``L['self']._modules['layers']._modules['0'].q`` -> ``layers.0.q``.
+
+    Cached: an unrolled graph repeats each module path once per segment."""
     path = _CONTAINER.sub(r".\1", source_name)
     path = _ROOT.sub("", path)
     path = _ITEM.sub(r".\1", path)

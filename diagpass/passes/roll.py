@@ -12,15 +12,21 @@ Before (batch pass output, handed to Inductor whole)::
 
 After (run as Python; each call looks up a kernel)::
 
-    out_t2 = diag_t2_g0(...)   # CompiledGroup(key=(signature, G=2, in_dims))
-    out_t3 = diag_t3_g0(...)   # CompiledGroup(key=(signature, G=2+1 chunks))
+    out_t2 = diag_t2_g0(...)   # CompiledGroup: kernel (signature, in_dims, G symbolic)
+    out_t3 = diag_t3_g0(...)   # the same kernel, G = 3
 
 Kernels are compiled (``compile_fx``, so forward and backward) on first use
-and cached process-wide by (cell signature, group size, which inputs are
-shared, input shapes/dtypes/strides, grad mode): a new segment count, traced
-anew by Dynamo, finds every kernel already compiled. Group sizes are split
-into powers of two so the number of kernels is O(log L) per cell structure,
-independent of S. Glue (embedding, logits, concat) runs eagerly.
+and cached process-wide by (cell signature, which inputs are stacked, the
+inputs' shapes/dtypes/strides past the group dim, grad mode). The group size
+G is a *symbol*: groups of two or more cells are compiled once on fake
+arguments whose leading dim is one ``SymInt`` (Inductor reads G from the
+arguments' sizes at run time), so one kernel serves every wavefront width
+and a new segment count, traced anew by Dynamo, finds every kernel already
+compiled. Whatever the compile assumed about G is in the ShapeEnv's guards;
+a kernel is reused only for a G its guards admit (a model whose cell
+branches on G gets a kernel per width, counted as ``kernels_specialized``).
+Single cells (G = 1, which the ShapeEnv specialises anyway) compile with
+static shapes. Glue (embedding, logits, concat) runs eagerly.
 
 Why a host loop and not ``scan``/``while_loop`` in the graph: the ramp
 wavefronts have other widths (a scan needs masking or padding, wasting cells),
@@ -33,37 +39,78 @@ per group (measured in benchmarks/).
 from __future__ import annotations
 
 import operator
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
+import sympy
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from diagpass.counters import counters
 from diagpass.runtime import BatchedCell
 
-_KERNELS: Dict[tuple, Callable] = {}
+# key -> [(admits(G), kernel)], newest last
+_KERNELS: Dict[tuple, List[Tuple[Callable[[int], bool], Callable]]] = {}
 
 
 def clear_kernel_cache() -> None:
     _KERNELS.clear()
 
 
-def power_of_two_chunks(n: int) -> List[int]:
-    """7 -> [4, 2, 1]: group sizes for which kernels are compiled."""
-    out, bit = [], 1 << max(n.bit_length() - 1, 0)
-    while n:
-        if n >= bit:
-            out.append(bit)
-            n -= bit
-        bit >>= 1
-    return out
-
-
-def _arg_key(a):
+def _arg_key(a, stacked: bool):
+    """What a kernel is specialised on, except a stacked input's group dim."""
     if isinstance(a, torch.Tensor):
-        return (tuple(a.shape), a.dtype, a.stride(), a.requires_grad, a.device.type)
+        shape = tuple(a.shape[1:]) if stacked else tuple(a.shape)
+        return (shape, a.dtype, a.stride(), a.requires_grad, a.device.type)
     return (type(a).__name__, repr(a))
+
+
+def _group_dim_outermost(a: torch.Tensor) -> bool:
+    """Strides past dim 0 do not depend on G (true of stacks and of slices
+    of a weight stack): the strides in the key then hold for every G."""
+    if a.dim() == 0:
+        return False
+    extent = sum((size - 1) * stride for size, stride in zip(a.shape[1:], a.stride()[1:]))
+    return a.stride(0) > extent
+
+
+def _symbolic_args(args, in_dims, G: int):
+    """Fake copies of ``args`` whose stacked inputs share one symbolic leading
+    dim; everything else static. Returns (fakes, shape_env, symbol)."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    shape_env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=shape_env)
+    source = ConstantSource("diagpass_group_size")
+    symbol = shape_env.create_symbol(G, source=source, dynamic_dim=DimDynamic.DYNAMIC)
+    size = shape_env.create_symintnode(symbol, hint=G, source=source)
+    fakes = []
+    with mode:
+        for a, d in zip(args, in_dims):
+            if not isinstance(a, torch.Tensor):
+                fakes.append(a)
+                continue
+            # fresh tensors, not from_tensor: a view's base would get symbols of its own
+            shape = tuple(a.shape) if d is None else (size, *a.shape[1:])
+            fake = torch.empty_strided(shape, a.stride(), dtype=a.dtype, device=a.device)
+            fakes.append(fake.requires_grad_(a.requires_grad))
+    return fakes, shape_env, symbol
+
+
+def _admits(shape_env, symbol) -> Callable[[int], bool]:
+    """G -> whether every assumption the compile made about G holds."""
+    guards = [g.expr for g in shape_env.guards]
+    bounds = shape_env.var_to_range.get(symbol)
+
+    def admits(G: int) -> bool:
+        if bounds is not None and not (bounds.lower <= G <= bounds.upper):
+            return False
+        value = {symbol: sympy.Integer(G)}
+        # anything still symbolic after substituting G is not provably true
+        return all(expr.xreplace(value) is sympy.true for expr in guards)
+
+    return admits
 
 
 class CompiledGroup(torch.nn.Module):
@@ -75,29 +122,64 @@ class CompiledGroup(torch.nn.Module):
         self.structure = structure
         self.inner = inner
 
-    def _compile(self, args) -> Callable:
+    def _graph(self, args) -> fx.GraphModule:
+        """The group call on the tensor arguments; non-tensors (ints such as
+        a batch size, already in the cache key) are constants of the graph,
+        not inputs AOTAutograd would turn into symbols."""
         g = fx.Graph()
-        placeholders = [g.placeholder(f"arg{i}") for i in range(len(args))]
-        call = g.call_module("batched", tuple(placeholders))
+        call_args = [g.placeholder(f"arg{i}") if isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
+        call = g.call_module("batched", tuple(call_args))
         g.output(tuple(g.call_function(operator.getitem, (call, j)) for j in range(len(self.batched._final))))
-        gm = fx.GraphModule({"batched": self.batched}, g)
+        return fx.GraphModule({"batched": self.batched}, g)
+
+    def _symbolic(self, args) -> bool:
+        stacked = [a for a, d in zip(args, self.batched.in_dims) if d is not None]
+        return (
+            self.batched.group_size >= 2
+            and self.inner != "eager"  # nothing is compiled: any G runs as is
+            and bool(stacked)
+            and all(isinstance(a, torch.Tensor) and _group_dim_outermost(a) for a in stacked)
+        )
+
+    def _compile(self, args, symbolic: bool) -> Tuple[Callable[[int], bool], Callable]:
         from diagpass.backend import inner_compile
 
-        return inner_compile(gm, list(args), self.inner)
+        gm = self._graph(args)
+        tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        if not symbolic:
+            G = self.batched.group_size
+            admits = lambda g: g == G  # noqa: E731
+            fn = inner_compile(gm, [args[i] for i in tensors], self.inner)
+        else:
+            fakes, shape_env, symbol = _symbolic_args(args, self.batched.in_dims, self.batched.group_size)
+            fn = inner_compile(gm, [fakes[i] for i in tensors], self.inner)
+            admits = _admits(shape_env, symbol)
+        return admits, lambda *a: fn(*[a[i] for i in tensors])
 
     def forward(self, *args):
         if any(isinstance(a, FakeTensor) for a in args):
             return self.batched(*args)  # the backend's fake-tensor check: trace, don't compile
-        key = (self.structure, torch.is_grad_enabled(), tuple(_arg_key(a) for a in args))
-        fn = _KERNELS.get(key)
+        G = self.batched.group_size
+        symbolic = self._symbolic(args)
+        key = (
+            self.structure,
+            torch.is_grad_enabled(),
+            "G" if symbolic else G,
+            tuple(_arg_key(a, d is not None) for a, d in zip(args, self.batched.in_dims)),
+        )
+        entries = _KERNELS.setdefault(key, [])
+        fn = next((fn for admits, fn in entries if admits(G)), None)
         if fn is None:
-            fn = self._compile(args)
-            _KERNELS[key] = fn
+            admits, fn = self._compile(args, symbolic)
+            if entries:
+                counters["roll"]["kernels_specialized"] += 1  # an earlier symbolic compile did not admit G
+            entries.append((admits, fn))
             counters["roll"]["kernels_compiled"] += 1
         else:
             counters["roll"]["kernel_cache_hits"] += 1
         return tuple(fn(*args))
 
 
-def group_structure(signature: tuple, size: int, in_dims: Tuple) -> tuple:
-    return (signature, size, tuple(in_dims))
+def group_structure(signature: tuple, in_dims: Tuple) -> tuple:
+    """What a kernel depends on besides argument metadata and G."""
+    return (signature, tuple(in_dims))

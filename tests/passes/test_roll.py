@@ -5,15 +5,20 @@ import torch
 
 import diagpass
 from diagpass.models.armt import build_armt, randomize_memory_
-from diagpass.passes.roll import clear_kernel_cache, power_of_two_chunks
+from diagpass.passes.roll import _admits, _symbolic_args, clear_kernel_cache
 from diagpass.testing import assert_equivalent, assert_matches_eager
 
 
-def test_power_of_two_chunks():
-    assert power_of_two_chunks(1) == [1]
-    assert power_of_two_chunks(7) == [4, 2, 1]
-    assert power_of_two_chunks(8) == [8]
-    assert sum(power_of_two_chunks(13)) == 13
+def test_symbolic_group_size_admits_what_the_compile_assumed():
+    x, w = torch.zeros(5, 3, 4), torch.zeros(7)
+    fakes, shape_env, symbol = _symbolic_args([x, w], [0, None], 5)
+    assert str(fakes[0].shape[0]) == str(symbol) and tuple(fakes[0].shape[1:]) == (3, 4)
+    assert tuple(fakes[1].shape) == (7,)  # shared inputs stay static
+    assert _admits(shape_env, symbol)(2) and _admits(shape_env, symbol)(64)
+    assert not _admits(shape_env, symbol)(1)  # G = 1 compiles with static shapes
+    if fakes[0].shape[0] == 5:  # a cell that branches on G: the compile is specialised
+        pass
+    assert _admits(shape_env, symbol)(5) and not _admits(shape_env, symbol)(4)
 
 
 def _model():
@@ -22,7 +27,7 @@ def _model():
     return model
 
 
-@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+@pytest.mark.parametrize("inner", ["eager", "aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_roll_equals_eager_with_gradients(inner):
     clear_kernel_cache()
     model = _model()
@@ -36,14 +41,16 @@ def test_roll_equals_eager_with_gradients(inner):
     assert 0 < roll["kernels_compiled"] <= 8
 
 
-def test_new_segment_count_compiles_no_new_step():
-    """S = 7 needs group sizes {1, 2, 4} (middle segments 1..5, L = 4); S = 6
-    and S = 10 need no size that S = 7 did not: zero kernel compilations."""
+@pytest.mark.parametrize("inner", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_new_segment_count_compiles_no_new_step(inner):
+    """S = 4 has groups of at most 2 middle cells (segments 1, 2); S = 6 and
+    S = 10 have groups of 3 and 4: the kernel compiled for a symbolic group
+    size serves them, zero kernel compilations."""
     clear_kernel_cache()
     model = _model()
-    compiled = torch.compile(model, backend="diagonal", options={"roll": True, "inner": "aot_eager"})
+    compiled = torch.compile(model, backend="diagonal", options={"roll": True, "inner": inner})
     with torch.no_grad():
-        ids = torch.randint(0, 128, (1, 8 * 7))
+        ids = torch.randint(0, 128, (1, 8 * 4))
         assert_matches_eager(model, compiled(ids), ids)
         first = diagpass.counters["roll"]["kernels_compiled"]
         assert first > 0
@@ -52,7 +59,10 @@ def test_new_segment_count_compiles_no_new_step():
             # eager fp32 itself is up to 5e-5 off fp64 on some inputs at S = 10
             assert_matches_eager(model, compiled(ids), ids)
     assert diagpass.counters["roll"]["kernels_compiled"] == first
+    assert diagpass.counters["roll"]["kernels_specialized"] == 0
     assert diagpass.counters["backend"]["graphs_batched"] == 3  # Dynamo traced 3 graphs
+    widths = [len(g) for g in diagpass.backend.reports[-1].batched_groups]
+    assert max(widths) == 4  # S = 10 really ran groups wider than any S = 4 had
 
 
 def test_roll_compiles_rmt_cells_once_without_batching():
