@@ -24,6 +24,7 @@ import torch.fx as fx
 from diagpass.counters import counters
 from diagpass.errors import NotBatchable
 from diagpass.passes.batch import batch_wavefronts
+from diagpass.passes.cost import CPU_COPY_BYTES_PER_FLOP, estimate_cost
 from diagpass.passes.dependence import build_cell_graph
 from diagpass.passes.grad_mode import detach_no_grad_regions, has_grad_mode_switches
 from diagpass.passes.inline_subgraphs import has_subgraph_calls, inline_subgraphs
@@ -48,6 +49,9 @@ class Options:
                ``DiagonalMismatch`` if outputs differ (rtol/atol below).
     enabled:   False compiles the graph unchanged (same inner compiler): the
                sequential baseline.
+    cost_model: on CPU with Inductor, do not batch when the layer weights would
+               be copied per call and the copy outweighs what batching can save
+               (``passes/cost.py``); False batches whenever it is safe.
     roll:      compile each distinct batched step once (cached across graphs
                and segment counts) and run the schedule as a host loop, glue
                eager; compile cost independent of the number of segments.
@@ -60,6 +64,7 @@ class Options:
     atol: float = 1e-5
     enabled: bool = True
     roll: bool = False
+    cost_model: bool = True
 
     @classmethod
     def from_dict(cls, options: Optional[dict]) -> "Options":
@@ -126,6 +131,8 @@ def _analyze(gm: fx.GraphModule, options: Options):
         detach_no_grad_regions(gm)  # also refuses autocast / other global-state calls
         grid = partition(gm)
         report.num_segments, report.num_layers = grid.num_segments, grid.num_layers
+        cost = estimate_cost(grid)
+        report.cost, report.bytes_per_flop = cost.describe(), cost.bytes_per_flop
         graph = build_cell_graph(grid)
         report.dependence_vectors = sorted(graph.vectors)
         sched = schedule(grid, graph)
@@ -206,7 +213,18 @@ def inner_compile(gm: fx.GraphModule, example_inputs, inner: str) -> Callable:
     return compile_fx(gm, example_inputs)
 
 
-def _compile_rewritten(gm: fx.GraphModule, example_inputs, opts: Options) -> Callable:
+def _lift(gm: fx.GraphModule, example_inputs):
+    """The variant reading weights stored stacked, when shapes are static."""
+    if not _static(gm, example_inputs):
+        return None
+    try:
+        return lift_weight_stacks(gm)
+    except Exception as e:  # noqa: BLE001 - an optimisation: never worth a crash
+        log.warning("diagpass: weight stacks not lifted (%s: %s); weights are copied per call", type(e).__name__, e)
+        return None
+
+
+def _compile_rewritten(gm: fx.GraphModule, lifted, example_inputs, opts: Options) -> Callable:
     """The rewritten graph compiled; with weight stacks and static shapes, a
     dispatch that reads weights stored stacked (``diagpass.stack_weights_``) as
     views instead of copying them. Only the variant the example inputs need is
@@ -217,12 +235,6 @@ def _compile_rewritten(gm: fx.GraphModule, example_inputs, opts: Options) -> Cal
         # roll: glue runs eagerly, each group compiles its own kernel once
         return g.forward if opts.roll else inner_compile(g, inputs, opts.inner)
 
-    lifted = None
-    if _static(gm, example_inputs):
-        try:
-            lifted = lift_weight_stacks(gm)
-        except Exception as e:  # noqa: BLE001 - an optimisation: never worth a crash
-            log.warning("diagpass: weight stacks not lifted (%s: %s); weights are copied per call", type(e).__name__, e)
     if lifted is None:
         return compile_now(gm, example_inputs)
     copying = OnFirstUse(lambda args: compile_now(gm, list(args)))
@@ -234,6 +246,24 @@ def _compile_rewritten(gm: fx.GraphModule, example_inputs, opts: Options) -> Cal
     else:
         stacked((*example_inputs, *views))
     return dispatch
+
+
+def _copying_does_not_pay(gm: fx.GraphModule, lifted, example_inputs, opts: Options, report: GraphReport) -> bool:
+    """The cost decision (``passes/cost.py``): CPU, Inductor, weights that
+    would be copied per call, and a copy too large for the work batched."""
+    if not opts.cost_model or opts.roll or opts.inner != "inductor" or report.bytes_per_flop is None:
+        return False
+    tensors = [a for a in example_inputs if isinstance(a, torch.Tensor)]
+    if not tensors or any(a.device.type != "cpu" for a in tensors):
+        return False
+    if report.bytes_per_flop <= CPU_COPY_BYTES_PER_FLOP:
+        return False
+    has_stacks = any(n.meta.get("diagpass_weight_stack") is not None for n in gm.graph.nodes)
+    if not has_stacks:
+        return False
+    if lifted is not None and WeightStackDispatch(None, None, lifted.param_indices).views(example_inputs) is not None:
+        return False  # stored stacked: read as views, nothing copied
+    return True
 
 
 def _static(gm: fx.GraphModule, example_inputs) -> bool:
@@ -295,10 +325,22 @@ def diagonal_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict]
     report_count += 1
     del reports[:-_MAX_REPORTS]
     t0 = time.perf_counter()
+    lifted = _lift(rewritten, example_inputs) if rewritten is not None else None
+    if rewritten is not None and _copying_does_not_pay(rewritten, lifted, example_inputs, opts, report):
+        report.reason = (
+            f"cost: on CPU, batching with layer weights copied per call does not pay: {report.cost} "
+            f"(> {CPU_COPY_BYTES_PER_FLOP:.0e}). Store the weights stacked "
+            "(diagpass.stack_weights_(model.layers)) to batch without the copy, or pass "
+            "options={'cost_model': False}"
+        )
+        report.batched, report.batched_groups, rewritten = False, [], None
+        counters["backend"]["graphs_batched"] -= 1  # counted by analyze: it does not run batched
+        counters["backend"]["graphs_not_batched_cost"] += 1
+        log.info("diagpass: graph left sequential: %s", report.reason)
     if rewritten is None:
         compiled = inner_compile(gm, example_inputs, opts.inner)
     else:
-        compiled = _compile_rewritten(rewritten, example_inputs, opts)
+        compiled = _compile_rewritten(rewritten, lifted, example_inputs, opts)
     report.timings["inner_s"] = time.perf_counter() - t0
     report.timings["entered_at"] = entered  # perf_counter(): Dynamo time = entered_at - call start
     report.timings["left_at"] = time.perf_counter()

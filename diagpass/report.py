@@ -24,6 +24,9 @@ class GraphReport:
     dependence_vectors: List[Tuple[int, int]] = dataclasses.field(default_factory=list)
     num_nodes: int = 0
     timings: Dict[str, float] = dataclasses.field(default_factory=dict)
+    # passes/cost.py: weight bytes a copying batched call stacks vs the cells' matmul FLOPs
+    cost: Optional[str] = None
+    bytes_per_flop: Optional[float] = None
 
     @property
     def num_wavefronts(self) -> int:
@@ -59,6 +62,8 @@ class GraphReport:
         ]
         if self.reason:
             lines.append(f"reason: {self.reason}")
+        if self.cost:
+            lines.append(f"cost (weights not stored stacked): {self.cost}")
         if self.wavefronts:
             lines.append("cell -> wavefront (* = ran in a batched group):")
             lines.append(self.grid())

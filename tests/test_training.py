@@ -107,6 +107,6 @@ def test_compiled_forward_without_autograd(mode):
 def test_gradients_equal_eager_inductor():
     model = _model("llama", 2)
     report = assert_equivalent(
-        model, _ids(1, 4), options={"inner": "inductor"}, grads=True, expect_batched=True, rtol=1e-4, atol=1e-4
+        model, _ids(1, 4), options={"inner": "inductor", "cost_model": False}, grads=True, expect_batched=True, rtol=1e-4, atol=1e-4
     )
     assert report.batched

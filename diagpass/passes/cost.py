@@ -1,0 +1,92 @@
+"""Pass 4b — cost: does batching pay when the layer weights must be copied?
+
+Not a rewrite: an estimate the backend decides with. A batched graph whose
+layer weights are ordinary parameters stacks every layer's weights once per
+call (``torch.stack``: a fresh copy of all L layers' weights). On a GPU that
+copy is small next to what batching saves (fewer, fuller kernels); on a CPU,
+where Inductor's sequential code already keeps the cores busy, batching saves
+little and the copy is the difference. Measured on one AMD EPYC core (small
+ARMT-LLaMA d=256, L=8, 64+16 tokens, fp32; benchmarks/results/):
+
+    S   weight bytes / matmul FLOP   copying diagonal vs sequential
+    4          6.2e-3                     0.90x
+    8          3.1e-3                     0.99x
+    32         0.8e-3                     0.98x
+
+(22.3 MiB of weights against 3.8 / 7.6 / 30.6 GFLOP); the threshold sits
+between the losing and the even point. One machine, one core: a rule of
+thumb, not a calibration.
+
+so on CPU the backend does not batch when the ratio is above
+``CPU_COPY_BYTES_PER_FLOP`` and the weights would be copied; weights stored
+stacked (``diagpass.stack_weights_``) are never copied and always batch.
+
+Before: a ``CellGrid`` (cells partitioned). After: unchanged; returns a
+``BatchingCost``::
+
+    BatchingCost(weight_copy_bytes=23.4e6, matmul_flops=3.79e9)  # 6.2e-3 B/FLOP: S=4 above
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+
+from diagpass.ir.cells import CellGrid
+from diagpass.passes.graph_utils import example_value
+from diagpass.runtime import is_sdpa
+
+CPU_COPY_BYTES_PER_FLOP = 4e-3
+
+_LINEAR = {F.linear, torch._C._nn.linear}
+_MATMUL = {torch.matmul, operator.matmul, torch.bmm, torch.mm, torch.baddbmm, torch.addmm}
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchingCost:
+    weight_copy_bytes: int  # one call's torch.stack of every layer weight
+    matmul_flops: int  # linear/matmul/attention FLOPs of all cells
+
+    @property
+    def bytes_per_flop(self) -> float:
+        return self.weight_copy_bytes / self.matmul_flops if self.matmul_flops else math.inf
+
+    def describe(self) -> str:
+        return (
+            f"copying {self.weight_copy_bytes / 2**20:.1f} MiB of layer weights per call against "
+            f"{self.matmul_flops / 1e9:.2f} GFLOP of layer matmuls ({self.bytes_per_flop:.1e} B/FLOP)"
+        )
+
+
+def _numel(v) -> int:
+    return v.numel() if isinstance(v, torch.Tensor) and all(isinstance(d, int) for d in v.shape) else 0
+
+
+def _node_flops(node) -> int:
+    if node.op != "call_function":
+        return 0
+    out = example_value(node)
+    if node.target in _LINEAR or node.target in _MATMUL:
+        a = example_value(node.args[0]) if node.args else None
+        if isinstance(a, torch.Tensor) and a.dim() > 0 and isinstance(a.shape[-1], int):
+            return 2 * _numel(out) * a.shape[-1]
+        return 0
+    if is_sdpa(node):
+        q, k = (example_value(a) for a in node.args[:2])
+        if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(k.shape[-2], int):
+            return 4 * _numel(q) * k.shape[-2]  # QK^T and PV
+    return 0
+
+
+def estimate_cost(grid: CellGrid) -> BatchingCost:
+    """Weight bytes a copying batched call stacks, and the cells' matmul FLOPs."""
+    weights = 0
+    for p in grid.stack.param_layer:
+        v = example_value(p)
+        weights += _numel(v) * v.element_size() if isinstance(v, torch.Tensor) else 0
+    flops = sum(_node_flops(n) for cell in grid.cells.values() for n in cell.nodes)
+    return BatchingCost(int(weights), int(flops))

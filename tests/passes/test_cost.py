@@ -1,0 +1,90 @@
+"""Cost: on CPU, batching with weights copied per call is refused where the
+copy outweighs the work; stored-stacked weights and other inners batch."""
+
+import pytest
+import torch
+
+import diagpass
+from diagpass.backend import Options, _copying_does_not_pay, _lift, analyze
+from diagpass.models.armt import build_armt, randomize_memory_
+from diagpass.passes.cost import CPU_COPY_BYTES_PER_FLOP, BatchingCost
+from diagpass.testing import assert_equivalent
+
+
+def _model():
+    model = build_armt("llama", num_layers=3, segment_size=8, num_mem_tokens=2, d_mem=8, seed=1)
+    randomize_memory_(model)
+    return model
+
+
+def _ids(S):
+    return torch.randint(0, 128, (1, 8 * S), generator=torch.Generator().manual_seed(0))
+
+
+def _graph_and_inputs(model, ids):
+    captured = []
+
+    def grab(gm, example_inputs):
+        captured.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=grab)(ids)
+    torch._dynamo.reset()
+    return captured[0]
+
+
+def _layer_weight_bytes(model):
+    return sum(p.numel() * p.element_size() for layer in model.layers for p in layer.parameters())
+
+
+def test_cost_counts_every_layer_weight_and_matmuls_linear_in_segments():
+    model = _model()
+    reports = []
+    for S in (4, 8):
+        gm, _ = _graph_and_inputs(model, _ids(S))
+        reports.append(analyze(gm, Options())[1])
+    four, eight = reports
+    assert four.cost.startswith(f"copying {_layer_weight_bytes(model) / 2**20:.1f} MiB")
+    flops = [r.bytes_per_flop for r in reports]
+    # same weights, twice the cells: half the bytes per FLOP (within the first/last segment's extra ops)
+    assert 1.8 < flops[0] / flops[1] < 2.2
+
+
+def test_cost_describes_itself():
+    cost = BatchingCost(weight_copy_bytes=2**20, matmul_flops=10**9)
+    assert cost.bytes_per_flop == pytest.approx(2**20 / 1e9)
+    assert cost.describe() == "copying 1.0 MiB of layer weights per call against 1.00 GFLOP of layer matmuls (1.0e-03 B/FLOP)"
+    assert BatchingCost(1, 0).bytes_per_flop == float("inf")
+
+
+def test_copying_tiny_model_on_cpu_does_not_pay_unless_told_or_stacked():
+    model = _model()
+    gm, inputs = _graph_and_inputs(model, _ids(5))
+    rewritten, report = analyze(gm, Options())
+    assert rewritten is not None and report.bytes_per_flop > CPU_COPY_BYTES_PER_FLOP
+    lifted = _lift(rewritten, inputs)
+    assert _copying_does_not_pay(rewritten, lifted, inputs, Options(), report)
+    assert not _copying_does_not_pay(rewritten, lifted, inputs, Options(cost_model=False), report)
+    assert not _copying_does_not_pay(rewritten, lifted, inputs, Options(inner="aot_eager"), report)
+    cheap = Options()
+    report.bytes_per_flop = CPU_COPY_BYTES_PER_FLOP / 2  # a model with more work per weight
+    assert not _copying_does_not_pay(rewritten, lifted, inputs, cheap, report)
+
+    diagpass.stack_weights_(model.layers)  # nothing to copy: batching always pays
+    gm, inputs = _graph_and_inputs(model, _ids(5))
+    rewritten, report = analyze(gm, Options())
+    with torch.no_grad():  # views are read when no gradient flows into the weights
+        assert not _copying_does_not_pay(rewritten, _lift(rewritten, inputs), inputs, Options(), report)
+    assert _copying_does_not_pay(rewritten, _lift(rewritten, inputs), inputs, Options(), report)
+
+
+@pytest.mark.slow
+def test_inductor_on_cpu_leaves_tiny_model_sequential_and_says_why():
+    model = _model()
+    report = assert_equivalent(model, _ids(5), options={"inner": "inductor"}, expect_batched=False)
+    assert report.graphs[0].reason.startswith("cost: on CPU, batching with layer weights copied per call does not pay")
+    assert "stack_weights_" in report.graphs[0].reason
+    assert diagpass.counters["backend"]["graphs_not_batched_cost"] == 1
+    assert diagpass.counters["batch"]["cells"] > 0  # the passes ran; the backend chose not to use them
