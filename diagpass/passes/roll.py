@@ -99,16 +99,22 @@ def _symbolic_args(args, in_dims, G: int):
 
 
 def _admits(shape_env, symbol) -> Callable[[int], bool]:
-    """G -> whether every assumption the compile made about G holds."""
-    guards = [g.expr for g in shape_env.guards]
-    bounds = shape_env.var_to_range.get(symbol)
+    """G -> whether every assumption the compile made about G holds. Read
+    live, not snapshotted: Inductor lowers the backward on first use and may
+    add guards then; answers are cached per (G, number of guards)."""
+    answers: Dict[Tuple[int, int], bool] = {}
 
     def admits(G: int) -> bool:
-        if bounds is not None and not (bounds.lower <= G <= bounds.upper):
-            return False
-        value = {symbol: sympy.Integer(G)}
-        # anything still symbolic after substituting G is not provably true
-        return all(expr.xreplace(value) is sympy.true for expr in guards)
+        guards = shape_env.guards
+        key = (G, len(guards))
+        if key not in answers:
+            bounds = shape_env.var_to_range.get(symbol)
+            value = {symbol: sympy.Integer(G)}
+            # anything still symbolic after substituting G is not provably true
+            answers[key] = (bounds is None or bounds.lower <= G <= bounds.upper) and all(
+                g.expr.xreplace(value) is sympy.true for g in guards
+            )
+        return answers[key]
 
     return admits
 
