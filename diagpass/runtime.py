@@ -164,6 +164,11 @@ def _split_at_direct_nodes(template: fx.GraphModule) -> Tuple[List[str], List[_P
     return placeholders, pieces, final
 
 
+def _fetch(env, a):
+    """(value, batched) of a direct node's argument: a template value or a constant."""
+    return env[a.name] if isinstance(a, _Ref) else (a, False)
+
+
 class BatchedCell(torch.nn.Module):
     """Runs ``template`` (one cell: inputs -> tuple of outputs) over a group.
 
@@ -239,7 +244,7 @@ class BatchedCell(torch.nn.Module):
     def _cat(self, node: _Direct, env, G):
         """cat of per-cell tensors = cat of stacked tensors one dim further in."""
         dim = node.args[1] if len(node.args) == 2 else node.kwargs.get("dim", 0)
-        values = [env[a.name] if isinstance(a, _Ref) else (a, False) for a in node.args[0]]
+        values = [_fetch(env, a) for a in node.args[0]]
         if not any(b for _, b in values):
             return torch.cat([v for v, _ in values], dim), False
         return torch.cat([self._stacked(v, b, G) for v, b in values], dim + 1 if dim >= 0 else dim), True
@@ -256,16 +261,13 @@ class BatchedCell(torch.nn.Module):
         rest_args = node.args[4:]
         rest_kwargs = {k: v for k, v in node.kwargs.items() if k not in names}
 
-        def fetch(a):
-            return env[a.name] if isinstance(a, _Ref) else (a, False)
-
-        q, k, v = (self._stacked(*fetch(bound[n]), G) for n in names[:3])
+        q, k, v = (self._stacked(*_fetch(env, bound[n]), G) for n in names[:3])
         lead = q.shape[1] if q.dim() >= 4 else None  # per-cell batch dim, folded into G
 
         def fold(x):
             return x if lead is None else x.reshape(G * x.shape[1], *x.shape[2:])
 
-        mask, mask_batched = fetch(bound.get("attn_mask"))
+        mask, mask_batched = _fetch(env, bound.get("attn_mask"))
         if isinstance(mask, torch.Tensor):
             rank = q.dim() - 1  # per-cell rank of q, which the mask broadcasts against
             if not mask_batched:

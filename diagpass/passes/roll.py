@@ -39,7 +39,7 @@ per group (measured in benchmarks/).
 from __future__ import annotations
 
 import operator
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import sympy
 import torch
@@ -51,6 +51,9 @@ from diagpass.runtime import BatchedCell
 
 # key -> [(admits(G), kernel)], newest last
 _KERNELS: Dict[tuple, List[Tuple[Callable[[int], bool], Callable]]] = {}
+# structure -> small id: a cell signature is a deep tuple, too slow to hash on
+# every group call; equal structures (across graphs too) get the same id
+_STRUCTURE_IDS: Dict[tuple, int] = {}
 
 
 def clear_kernel_cache() -> None:
@@ -125,7 +128,7 @@ class CompiledGroup(torch.nn.Module):
     def __init__(self, batched: BatchedCell, structure: tuple, inner: str):
         super().__init__()
         self.batched = batched
-        self.structure = structure
+        self.structure_id = _STRUCTURE_IDS.setdefault(structure, len(_STRUCTURE_IDS))
         self.inner = inner
 
     def _graph(self, args) -> fx.GraphModule:
@@ -168,7 +171,7 @@ class CompiledGroup(torch.nn.Module):
         G = self.batched.group_size
         symbolic = self._symbolic(args)
         key = (
-            self.structure,
+            self.structure_id,
             torch.is_grad_enabled(),
             "G" if symbolic else G,
             tuple(_arg_key(a, d is not None) for a, d in zip(args, self.batched.in_dims)),
