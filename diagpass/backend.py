@@ -31,7 +31,7 @@ from diagpass.passes.inline_subgraphs import has_subgraph_calls, inline_subgraph
 from diagpass.passes.partition import partition
 from diagpass.passes.schedule import schedule
 from diagpass.passes.stacked_weights import lift_weight_stacks
-from diagpass.weights import OnFirstUse, WeightStackDispatch
+from diagpass.weights import OnFirstUse, WeightStackDispatch, stacked_views
 from diagpass.report import GraphReport
 
 log = logging.getLogger("diagpass")
@@ -115,13 +115,15 @@ def _gc_paused():
             gc.enable()
 
 
-def analyze(gm: fx.GraphModule, options: Options):
-    """Run the passes; return (rewritten gm or None, report)."""
+def analyze(gm: fx.GraphModule, options: Options, example_inputs=None):
+    """Run the passes; return (rewritten gm or None, report). With the real
+    ``example_inputs`` (the backend has them, ``explain`` does not) the cost
+    decision is applied too."""
     with _gc_paused():
-        return _analyze(gm, options)
+        return _analyze(gm, options, example_inputs)
 
 
-def _analyze(gm: fx.GraphModule, options: Options):
+def _analyze(gm: fx.GraphModule, options: Options, example_inputs):
     report = GraphReport(num_nodes=len(gm.graph.nodes))
     t0 = time.perf_counter()
     try:
@@ -145,6 +147,14 @@ def _analyze(gm: fx.GraphModule, options: Options):
             reason = f"no wavefront has {options.min_group} or more structurally identical cells"
         if reason is not None and not options.roll:
             raise NotBatchable(reason)
+        if example_inputs is not None and _copying_does_not_pay(gm, grid, cost, example_inputs, options):
+            counters["backend"]["graphs_not_batched_cost"] += 1
+            raise NotBatchable(
+                f"cost: on CPU, batching with layer weights copied per call does not pay: {cost.describe()} "
+                f"(> {CPU_COPY_BYTES_PER_FLOP:.0e}). Store the weights stacked "
+                "(diagpass.stack_weights_(model.layers)) to batch without the copy, or pass "
+                "options={'cost_model': False}"
+            )
         # With roll, even an unbatchable schedule is rewritten: every distinct
         # cell then compiles once instead of once per copy (RMT, short inputs).
         result = batch_wavefronts(grid, sched, options.min_group, roll=options.roll, inner=options.inner)
@@ -213,18 +223,7 @@ def inner_compile(gm: fx.GraphModule, example_inputs, inner: str) -> Callable:
     return compile_fx(gm, example_inputs)
 
 
-def _lift(gm: fx.GraphModule, example_inputs):
-    """The variant reading weights stored stacked, when shapes are static."""
-    if not _static(gm, example_inputs):
-        return None
-    try:
-        return lift_weight_stacks(gm)
-    except Exception as e:  # noqa: BLE001 - an optimisation: never worth a crash
-        log.warning("diagpass: weight stacks not lifted (%s: %s); weights are copied per call", type(e).__name__, e)
-        return None
-
-
-def _compile_rewritten(gm: fx.GraphModule, lifted, example_inputs, opts: Options) -> Callable:
+def _compile_rewritten(gm: fx.GraphModule, example_inputs, opts: Options) -> Callable:
     """The rewritten graph compiled; with weight stacks and static shapes, a
     dispatch that reads weights stored stacked (``diagpass.stack_weights_``) as
     views instead of copying them. Only the variant the example inputs need is
@@ -235,6 +234,12 @@ def _compile_rewritten(gm: fx.GraphModule, lifted, example_inputs, opts: Options
         # roll: glue runs eagerly, each group compiles its own kernel once
         return g.forward if opts.roll else inner_compile(g, inputs, opts.inner)
 
+    lifted = None
+    if _static(gm, example_inputs):
+        try:
+            lifted = lift_weight_stacks(gm)
+        except Exception as e:  # noqa: BLE001 - an optimisation: never worth a crash
+            log.warning("diagpass: weight stacks not lifted (%s: %s); weights are copied per call", type(e).__name__, e)
     if lifted is None:
         return compile_now(gm, example_inputs)
     copying = OnFirstUse(lambda args: compile_now(gm, list(args)))
@@ -248,22 +253,23 @@ def _compile_rewritten(gm: fx.GraphModule, lifted, example_inputs, opts: Options
     return dispatch
 
 
-def _copying_does_not_pay(gm: fx.GraphModule, lifted, example_inputs, opts: Options, report: GraphReport) -> bool:
-    """The cost decision (``passes/cost.py``): CPU, Inductor, weights that
-    would be copied per call, and a copy too large for the work batched."""
-    if not opts.cost_model or opts.roll or opts.inner != "inductor" or report.bytes_per_flop is None:
+def _copying_does_not_pay(gm: fx.GraphModule, grid, cost, example_inputs, opts: Options) -> bool:
+    """The cost decision (``passes/cost.py``): CPU, Inductor, layer weights a
+    batched call would copy (what ``WeightStackDispatch`` would choose for
+    these inputs), and a copy too large for the work batched."""
+    if not opts.cost_model or opts.roll or opts.inner != "inductor":
         return False
     tensors = [a for a in example_inputs if isinstance(a, torch.Tensor)]
     if not tensors or any(a.device.type != "cpu" for a in tensors):
         return False
-    if report.bytes_per_flop <= CPU_COPY_BYTES_PER_FLOP:
+    if cost.bytes_per_flop <= CPU_COPY_BYTES_PER_FLOP:
         return False
-    has_stacks = any(n.meta.get("diagpass_weight_stack") is not None for n in gm.graph.nodes)
-    if not has_stacks:
-        return False
-    if lifted is not None and WeightStackDispatch(None, None, lifted.param_indices).views(example_inputs) is not None:
-        return False  # stored stacked: read as views, nothing copied
-    return True
+    if not _static(gm, example_inputs):
+        return True  # no stacked-views variant with symbolic shapes: always the copy
+    position = {p: i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))}
+    roles = sorted(set(grid.stack.param_role.values()))
+    groups = [[example_inputs[position[p]] for p in grid.stack.by_role(role)] for role in roles]
+    return stacked_views(groups) is None
 
 
 def _static(gm: fx.GraphModule, example_inputs) -> bool:
@@ -319,28 +325,16 @@ def diagonal_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict]
     entered = time.perf_counter()
     opts = Options.from_dict({**(options or {}), **kwargs})
     _warn_near_recompile_limit(gm)
-    rewritten, report = analyze(gm, opts) if opts.enabled else (None, GraphReport(reason="disabled by options"))
+    rewritten, report = analyze(gm, opts, example_inputs) if opts.enabled else (None, GraphReport(reason="disabled by options"))
     global report_count
     reports.append(report)
     report_count += 1
     del reports[:-_MAX_REPORTS]
     t0 = time.perf_counter()
-    lifted = _lift(rewritten, example_inputs) if rewritten is not None else None
-    if rewritten is not None and _copying_does_not_pay(rewritten, lifted, example_inputs, opts, report):
-        report.reason = (
-            f"cost: on CPU, batching with layer weights copied per call does not pay: {report.cost} "
-            f"(> {CPU_COPY_BYTES_PER_FLOP:.0e}). Store the weights stacked "
-            "(diagpass.stack_weights_(model.layers)) to batch without the copy, or pass "
-            "options={'cost_model': False}"
-        )
-        report.batched, report.batched_groups, rewritten = False, [], None
-        counters["backend"]["graphs_batched"] -= 1  # counted by analyze: it does not run batched
-        counters["backend"]["graphs_not_batched_cost"] += 1
-        log.info("diagpass: graph left sequential: %s", report.reason)
     if rewritten is None:
         compiled = inner_compile(gm, example_inputs, opts.inner)
     else:
-        compiled = _compile_rewritten(rewritten, lifted, example_inputs, opts)
+        compiled = _compile_rewritten(rewritten, example_inputs, opts)
     report.timings["inner_s"] = time.perf_counter() - t0
     report.timings["entered_at"] = entered  # perf_counter(): Dynamo time = entered_at - call start
     report.timings["left_at"] = time.perf_counter()

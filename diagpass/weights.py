@@ -35,6 +35,21 @@ def stacked_view(params: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
     return first.detach().as_strided((len(params), *first.shape), (numel, *first.stride()), offset)
 
 
+def stacked_views(groups: Sequence[Sequence[torch.Tensor]]) -> Optional[list]:
+    """One stacked view per group of parameters, or None when a call would
+    copy them instead: a group not stored stacked, or gradients flowing into
+    the parameters (the copying graph's stack carries them)."""
+    if torch.is_grad_enabled() and any(p.requires_grad for g in groups for p in g):
+        return None
+    views = []
+    for g in groups:
+        v = stacked_view(g)
+        if v is None:
+            return None
+        views.append(v)
+    return views
+
+
 class OnFirstUse:
     """``self(args)`` -> the function ``make(args)`` built on the first call."""
 
@@ -63,16 +78,7 @@ class WeightStackDispatch:
         self.param_indices = param_indices
 
     def views(self, args) -> Optional[list]:
-        groups = [[args[i] for i in idx] for idx in self.param_indices]
-        if torch.is_grad_enabled() and any(p.requires_grad for g in groups for p in g):
-            return None
-        views = []
-        for g in groups:
-            v = stacked_view(g)
-            if v is None:
-                return None
-            views.append(v)
-        return views
+        return stacked_views([[args[i] for i in idx] for idx in self.param_indices])
 
     def __call__(self, *args):
         views = self.views(args)

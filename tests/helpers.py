@@ -1,6 +1,24 @@
-"""Expectations shared by tests: which cells of an S x L grid must batch."""
+"""Shared by tests: which cells of an S x L grid must batch; Dynamo's graph of a model."""
 
 from typing import List, Set, Tuple
+
+import torch
+
+
+def dynamo_graph(model, *args, **kwargs):
+    """(Dynamo's first FX graph of ``model(*args, **kwargs)`` under no_grad,
+    the example inputs Dynamo hands a backend with it)."""
+    captured = []
+
+    def grab(gm, example_inputs):
+        captured.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=grab)(*args, **kwargs)
+    torch._dynamo.reset()
+    return captured[0]
 
 
 def middle_cells_that_batch(num_segments: int, num_layers: int) -> Set[Tuple[int, int]]:

@@ -12,6 +12,7 @@ import diagpass
 from diagpass.models.armt import build_armt, randomize_memory_
 from diagpass.models.rmt import build_rmt
 from diagpass.testing import assert_equivalent
+from tests.helpers import dynamo_graph
 
 SNIPPET = """
 import torch, torch.nn as nn
@@ -165,20 +166,6 @@ def test_dynamic_batch_size_still_batches(roll):
     assert diagpass.counters["backend"]["graphs_fallback_error"] == 0
 
 
-def _dynamo_graph(model, *args, **kwargs):
-    captured = []
-
-    def grab(gm, example_inputs):
-        captured.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=grab)(*args, **kwargs)
-    torch._dynamo.reset()
-    return captured[0]
-
-
 @pytest.mark.parametrize("tbptt", [None, 2])
 def test_analyze_leaves_dynamos_graph_unchanged(tbptt):
     """The passes build a new graph; only grad_mode edits in place, on a copy
@@ -188,7 +175,7 @@ def test_analyze_leaves_dynamos_graph_unchanged(tbptt):
 
     model = build_armt("llama", num_layers=3, segment_size=8, num_mem_tokens=2, d_mem=8)
     randomize_memory_(model)
-    gm = _dynamo_graph(model, torch.randint(0, 128, (1, 8 * 6)), detach_every=tbptt)
+    gm, _ = dynamo_graph(model, torch.randint(0, 128, (1, 8 * 6)), detach_every=tbptt)
     before = gm.code
     rewritten, report = analyze(gm, Options(inner="eager"))
     assert report.batched and rewritten is not gm

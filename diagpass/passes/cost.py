@@ -13,13 +13,11 @@ ARMT-LLaMA d=256, L=8, 64+16 tokens, fp32; benchmarks/results/):
     8          3.1e-3                     0.99x
     32         0.8e-3                     0.98x
 
-(22.3 MiB of weights against 3.8 / 7.6 / 30.6 GFLOP); the threshold sits
-between the losing and the even point. One machine, one core: a rule of
-thumb, not a calibration.
-
-so on CPU the backend does not batch when the ratio is above
-``CPU_COPY_BYTES_PER_FLOP`` and the weights would be copied; weights stored
-stacked (``diagpass.stack_weights_``) are never copied and always batch.
+(22.3 MiB of weights against 3.8 / 7.6 / 30.6 GFLOP), so on CPU the backend
+does not batch when the ratio is above ``CPU_COPY_BYTES_PER_FLOP`` (between
+the losing and the even point; one machine, one core: a rule of thumb, not a
+calibration) and the weights would be copied; weights stored stacked
+(``diagpass.stack_weights_``) are never copied and always batch.
 
 Before: a ``CellGrid`` (cells partitioned). After: unchanged; returns a
 ``BatchingCost``::

@@ -5,10 +5,14 @@ import pytest
 import torch
 
 import diagpass
-from diagpass.backend import Options, _copying_does_not_pay, _lift, analyze
+import diagpass.backend
+from diagpass.backend import Options, analyze
 from diagpass.models.armt import build_armt, randomize_memory_
 from diagpass.passes.cost import CPU_COPY_BYTES_PER_FLOP, BatchingCost
 from diagpass.testing import assert_equivalent
+from tests.helpers import dynamo_graph
+
+COST_REASON = "cost: on CPU, batching with layer weights copied per call does not pay"
 
 
 def _model():
@@ -21,20 +25,6 @@ def _ids(S):
     return torch.randint(0, 128, (1, 8 * S), generator=torch.Generator().manual_seed(0))
 
 
-def _graph_and_inputs(model, ids):
-    captured = []
-
-    def grab(gm, example_inputs):
-        captured.append((gm, list(example_inputs)))
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=grab)(ids)
-    torch._dynamo.reset()
-    return captured[0]
-
-
 def _layer_weight_bytes(model):
     return sum(p.numel() * p.element_size() for layer in model.layers for p in layer.parameters())
 
@@ -43,7 +33,7 @@ def test_cost_counts_every_layer_weight_and_matmuls_linear_in_segments():
     model = _model()
     reports = []
     for S in (4, 8):
-        gm, _ = _graph_and_inputs(model, _ids(S))
+        gm, _ = dynamo_graph(model, _ids(S))
         reports.append(analyze(gm, Options())[1])
     four, eight = reports
     assert four.cost.startswith(f"copying {_layer_weight_bytes(model) / 2**20:.1f} MiB")
@@ -59,32 +49,42 @@ def test_cost_describes_itself():
     assert BatchingCost(1, 0).bytes_per_flop == float("inf")
 
 
-def test_copying_tiny_model_on_cpu_does_not_pay_unless_told_or_stacked():
+def _refused(gm, inputs, options) -> bool:
+    before = diagpass.counters["backend"]["graphs_not_batched_cost"]
+    rewritten, report = analyze(gm, options, inputs)
+    refused = rewritten is None and report.reason is not None and report.reason.startswith(COST_REASON)
+    assert refused == (diagpass.counters["backend"]["graphs_not_batched_cost"] == before + 1)
+    assert refused or rewritten is not None
+    return refused
+
+
+def test_copying_tiny_model_on_cpu_does_not_pay_unless_told_or_stacked(monkeypatch):
     model = _model()
-    gm, inputs = _graph_and_inputs(model, _ids(5))
-    rewritten, report = analyze(gm, Options())
-    assert rewritten is not None and report.bytes_per_flop > CPU_COPY_BYTES_PER_FLOP
-    lifted = _lift(rewritten, inputs)
-    assert _copying_does_not_pay(rewritten, lifted, inputs, Options(), report)
-    assert not _copying_does_not_pay(rewritten, lifted, inputs, Options(cost_model=False), report)
-    assert not _copying_does_not_pay(rewritten, lifted, inputs, Options(inner="aot_eager"), report)
-    cheap = Options()
-    report.bytes_per_flop = CPU_COPY_BYTES_PER_FLOP / 2  # a model with more work per weight
-    assert not _copying_does_not_pay(rewritten, lifted, inputs, cheap, report)
+    gm, inputs = dynamo_graph(model, _ids(5))
+    assert analyze(gm, Options())[1].bytes_per_flop > CPU_COPY_BYTES_PER_FLOP
+    assert _refused(gm, inputs, Options())
+    _, report = analyze(gm, Options(), inputs)
+    assert "stack_weights_" in report.reason and "cost_model" in report.reason
+    assert not _refused(gm, inputs, Options(cost_model=False))
+    assert not _refused(gm, inputs, Options(inner="aot_eager"))
+    assert not _refused(gm, inputs, Options(roll=True))
+    assert analyze(gm, Options())[0] is not None  # explain's call: no inputs, no decision
+    with monkeypatch.context() as m:  # a model with more work per weight byte
+        m.setattr(diagpass.backend, "CPU_COPY_BYTES_PER_FLOP", 1.0)
+        assert not _refused(gm, inputs, Options())
 
     diagpass.stack_weights_(model.layers)  # nothing to copy: batching always pays
-    gm, inputs = _graph_and_inputs(model, _ids(5))
-    rewritten, report = analyze(gm, Options())
+    gm, inputs = dynamo_graph(model, _ids(5))
     with torch.no_grad():  # views are read when no gradient flows into the weights
-        assert not _copying_does_not_pay(rewritten, _lift(rewritten, inputs), inputs, Options(), report)
-    assert _copying_does_not_pay(rewritten, _lift(rewritten, inputs), inputs, Options(), report)
+        assert not _refused(gm, inputs, Options())
+    assert _refused(gm, inputs, Options())  # with gradients the stacks are copies again
 
 
 @pytest.mark.slow
 def test_inductor_on_cpu_leaves_tiny_model_sequential_and_says_why():
     model = _model()
     report = assert_equivalent(model, _ids(5), options={"inner": "inductor"}, expect_batched=False)
-    assert report.graphs[0].reason.startswith("cost: on CPU, batching with layer weights copied per call does not pay")
+    assert report.graphs[0].reason.startswith(COST_REASON)
     assert "stack_weights_" in report.graphs[0].reason
     assert diagpass.counters["backend"]["graphs_not_batched_cost"] == 1
-    assert diagpass.counters["batch"]["cells"] > 0  # the passes ran; the backend chose not to use them
+    assert diagpass.counters["batch"]["cells"] == 0  # refused before the batch pass ran

@@ -6,21 +6,13 @@ from diagpass.models.armt import build_armt, randomize_memory_
 from diagpass.passes.inline_subgraphs import has_subgraph_calls, inline_subgraphs
 from diagpass.testing import assert_equivalent
 
+from tests.helpers import dynamo_graph
+
 from .conftest import PerLayerMemory
 
 
 def _capture(model, *args):
-    graphs = []
-
-    def grab(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=grab)(*args)
-    torch._dynamo.reset()
-    return graphs[0]
+    return dynamo_graph(model, *args)[0]
 
 
 def _ops(gm):
