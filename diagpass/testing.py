@@ -147,6 +147,25 @@ def rounding_sensitivity(model: torch.nn.Module, *args, draws: int = 3, **kwargs
     return worst
 
 
+def assert_fp32_within_noise_floor(model: torch.nn.Module, *args, options: Optional[dict] = None, **kwargs) -> dict:
+    """The last word on an fp32 gap of an ill-conditioned model, once float64
+    has shown the rewrite exact: the compiled fp32 output may be off an fp64
+    run of the same weights by at most 4x the larger of eager fp32's own error
+    and the model's ``rounding_sensitivity`` (eager's own error can be small by
+    luck of its rounding order). Returns the three numbers (err, own, floor)."""
+    torch._dynamo.reset()
+    with torch.no_grad():
+        exact = float64_copy(model)(*args, **kwargs)
+        own = float((model(*args, **kwargs).double() - exact).abs().max())
+        got = torch.compile(model, backend="diagonal", options=dict(options or {}))(*args, **kwargs)
+    err = float((got.double() - exact).abs().max())
+    floor = rounding_sensitivity(model, *args, **kwargs)
+    assert err <= 4 * max(own, floor) + 1e-5, (
+        f"fp32 error {err} vs eager fp32's own error {own}, rounding sensitivity {floor}"
+    )
+    return {"err": err, "own": own, "floor": floor}
+
+
 def _state_memo(model: torch.nn.Module) -> dict:
     """``deepcopy`` memo mapping every non-leaf tensor a module keeps in a plain
     attribute (memory stored as ``self.mem = ...``, as research code does) to a
