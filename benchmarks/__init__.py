@@ -7,7 +7,9 @@
     python -m benchmarks --config small-headline [--segments 8]
     python -m benchmarks --list
 
-Modes, compiled and timed side by side in ONE process (interleaved rounds, medians):
+Modes are compiled in this process (first call timed; cold unless --keep-cache), then compiled
+again from the warm cache in ONE fresh process (benchmarks.timeworker) and timed there side by
+side (interleaved rounds, medians); --time-in-process times them where they were compiled:
   eager        the ARMT module, no compile
   inductor     torch.compile(m, backend="diagonal", options={"inner": "inductor", "enabled": False})
                = Inductor sequential baseline (same graph, not rewritten)
@@ -19,7 +21,10 @@ Modes, compiled and timed side by side in ONE process (interleaved rounds, media
                S*T tokens (no memory tokens), eager / default torch.compile
 
 Peak memory: one subprocess per mode (benchmarks.memworker). Linux VmHWM from /proc/self/status,
-reset with `echo 5 > /proc/self/clear_refs` after compile+warm-up, so `steady_peak_mb` is the
+reset with `echo 5 > /proc/self/clear_refs` after compile+warm-up and after returning freed heap
+to the OS (gc.collect + glibc malloc_trim: the compile frees far more than it keeps, and glibc
+would otherwise keep it resident), so `steady_hwm_mb` is the absolute RSS high-water of one
+steady-state call (the issue-4 "peak memory"), `steady_peak_mb` the
 RSS high-water of one steady-state call minus the RSS just before it, and `compile_peak_mb` is the
 high-water during the first (compiling) call minus the RSS before it. On CUDA:
 torch.cuda.max_memory_allocated around one call instead.

@@ -22,6 +22,9 @@ def main(argv=None):
     ap.add_argument("--memory", action="store_true", help="run the memory subprocesses even with --quick")
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--time-in-process", action="store_true",
+                    help="time the steady state in the compiling process (default: a fresh process "
+                         "that loads the compiled modes from the warm cache; see runner.measure_point)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--stem", default="latest", help="output file stem (latest -> latest.md/json, latency.png)")
     ap.add_argument("--keep-cache", action="store_true",
@@ -48,6 +51,9 @@ def main(argv=None):
     repeats = args.repeats or (11 if args.quick else 9)
     modes = args.modes or (runner.QUICK_MODES if args.quick else runner.DEFAULT_MODES)
     notes, results = list(args.note), []
+    if args.time_in_process:
+        notes.append("--time-in-process: steady state timed in the process that compiled (compile leftovers "
+                     "slow some modes more than others)")
     if args.keep_cache:
         notes.append("--keep-cache: Inductor cache reused, compile times may be WARM (cache hits), not cold")
     meta = {"torch": torch.__version__, "device": device, "threads": torch.get_num_threads(),
@@ -65,7 +71,8 @@ def main(argv=None):
                 print("SKIP", note)
                 continue
             print(f"[{time.perf_counter() - t_start:7.1f} s] {name}: {point.label}", flush=True)
-            results.append(runner.measure_point(point, modes, repeats, device, memory=not args.no_memory and (args.memory or not args.quick)))
+            results.append(runner.measure_point(point, modes, repeats, device, memory=not args.no_memory and (args.memory or not args.quick),
+                                                 fresh_timing=not args.time_in_process))
             report.write(results, meta, args.out, args.stem)  # partial results survive a kill
     meta["total_s"] = time.perf_counter() - t_start
     md = report.write(results, meta, args.out, args.stem)

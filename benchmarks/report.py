@@ -22,6 +22,13 @@ def _f(v, fmt="{:.1f}"):
     return "—" if v is None else fmt.format(v)
 
 
+def _vs(value, ref) -> str:
+    """``value (value/ref x)``; the sequential run's own ratio included, so columns align."""
+    if value is None:
+        return "—"
+    return f"{value:.1f}" + (f" ({value / ref:.2f}x)" if ref else "")
+
+
 def markdown(results: List[dict], meta: dict) -> str:
     lines = [f"# diagpass benchmarks", "",
              f"- torch {meta.get('torch')}, device {meta.get('device')}, threads {meta.get('threads')}, "
@@ -29,19 +36,23 @@ def markdown(results: List[dict], meta: dict) -> str:
              f"- command: `{meta.get('command')}`",
              "- latency: median of interleaved steady-state calls under torch.no_grad(); "
              "compile = first call minus median call; speedup = Inductor sequential / mode (median latencies; paired = median over rounds of the same-round ratio); "
-             "memory: per-mode subprocess, Linux VmHWM reset via /proc/self/clear_refs (MiB above "
-             "the RSS before the call).", ""]
+             "memory (per-mode subprocess, one steady-state call): peak tensors = weights and buffers "
+             "(each storage once) + the peak of tensors the call allocates (profiler memory timeline); "
+             "peak RSS = Linux VmHWM of the call, reset via /proc/self/clear_refs after returning freed "
+             "heap to the OS (gc + malloc_trim): the whole process, compiled code and compile "
+             "leftovers included; compile peak = VmHWM of the first call above the RSS before it.", ""]
     for note in meta.get("notes", []):
         lines.append(f"- NOTE: {note}")
     lines.append("")
-    lines.append("| point | mode | median ms | min ms | first call s | compile s | steady peak MiB | compile peak MiB | diag: batched / wavefronts | speedup vs Inductor seq |")
-    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    lines.append("| point | mode | median ms | min ms | first call s | compile s | peak tensors MiB (vs seq) | peak RSS MiB (vs seq) | compile peak MiB | diag: batched / wavefronts | speedup vs Inductor seq |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for r in results:
         modes = r["modes"]
-        ref = modes.get("inductor", {}).get("median_ms")
+        ref_seq = modes.get("inductor", {})
+        ref = ref_seq.get("median_ms")
         for name, m in modes.items():
             if "error" in m:
-                lines.append(f"| {r['label']} | {MODE_NAMES.get(name, name)} | error: {m['error'][:80]} |||||||")
+                lines.append(f"| {r['label']} | {MODE_NAMES.get(name, name)} | error: {m['error'][:80]} ||||||||")
                 continue
             d = m.get("diag") or {}
             dtxt = f"{d.get('batched')} / {d.get('num_wavefronts')}" if d and name != "inductor" else ""
@@ -50,10 +61,11 @@ def markdown(results: List[dict], meta: dict) -> str:
             if rs and m.get("samples_ms") and name != "inductor":  # same-round pairs
                 pr = sorted(x / y for x, y in zip(rs, m["samples_ms"]))
                 sp += f" (paired {pr[len(pr) // 2]:.2f}x)"
+            tensors, rss = (_vs(m.get(k), ref_seq.get(k)) for k in ("tensor_peak_mb", "steady_hwm_mb"))
             lines.append(
                 f"| {r['label']} | {MODE_NAMES.get(name, name)} | {_f(m.get('median_ms'))} | {_f(m.get('min_ms'))} | "
                 f"{_f(m.get('first_call_s'), '{:.1f}')} | {_f(m.get('compile_s'), '{:.1f}')} | "
-                f"{_f(m.get('steady_peak_mb'))} | {_f(m.get('compile_peak_mb'))} | {dtxt} | {sp} |")
+                f"{tensors} | {rss} | {_f(m.get('compile_peak_mb'))} | {dtxt} | {sp} |")
     return "\n".join(lines) + "\n"
 
 
