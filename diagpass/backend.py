@@ -31,7 +31,7 @@ from diagpass.passes.inline_subgraphs import has_subgraph_calls, inline_subgraph
 from diagpass.passes.partition import partition
 from diagpass.passes.schedule import schedule
 from diagpass.passes.stacked_weights import lift_weight_stacks
-from diagpass.weights import OnFirstUse, WeightStackDispatch, stacked_views
+from diagpass.weights import OnFirstUse, SequentialUnlessStacked, WeightStackDispatch, stacked_views
 from diagpass.report import GraphReport
 
 log = logging.getLogger("diagpass")
@@ -94,6 +94,13 @@ report_count = 0
 _MAX_REPORTS = 1024
 
 
+def _record(report: GraphReport) -> None:
+    global report_count
+    reports.append(report)
+    report_count += 1
+    del reports[:-_MAX_REPORTS]
+
+
 def reports_since(mark: int) -> List[GraphReport]:
     """Reports of the graphs compiled after ``report_count`` was ``mark``."""
     new = report_count - mark
@@ -149,6 +156,8 @@ def _analyze(gm: fx.GraphModule, options: Options, example_inputs):
             raise NotBatchable(reason)
         if example_inputs is not None and _copying_does_not_pay(gm, grid, cost, example_inputs, options):
             counters["backend"]["graphs_not_batched_cost"] += 1
+            if _static(gm, example_inputs):  # a call with the weights stored stacked batches
+                report.weight_inputs = _weight_input_indices(gm, grid)
             raise NotBatchable(
                 f"cost: on CPU, batching with layer weights copied per call does not pay: {cost.describe()} "
                 f"(> {CPU_COPY_BYTES_PER_FLOP:.0e}). Store the weights stacked "
@@ -266,10 +275,33 @@ def _copying_does_not_pay(gm: fx.GraphModule, grid, cost, example_inputs, opts: 
         return False
     if not _static(gm, example_inputs):
         return True  # no stacked-views variant with symbolic shapes: always the copy
+    groups = [[example_inputs[i] for i in idx] for idx in _weight_input_indices(gm, grid)]
+    return stacked_views(groups) is None
+
+
+def _weight_input_indices(gm: fx.GraphModule, grid) -> List[List[int]]:
+    """Input positions of the layer weights, one list per role (``q_proj.weight`` of every layer...)."""
     position = {p: i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))}
     roles = sorted(set(grid.stack.param_role.values()))
-    groups = [[example_inputs[position[p]] for p in grid.stack.by_role(role)] for role in roles]
-    return stacked_views(groups) is None
+    return [[position[p] for p in grid.stack.by_role(role)] for role in roles]
+
+
+def _batched_when_stacked(gm: fx.GraphModule, sequential: Callable, report: GraphReport, opts: Options) -> Callable:
+    """A graph the cost decision left sequential, batched after all on the first call whose
+    layer weights are stored stacked: Dynamo does not guard on storage, so the graph compiled
+    for copied weights also runs a model whose weights were stacked after compiling, or
+    another instance of the model class. ``gm`` is a copy the inner compiler has not seen."""
+    verify_against = _copy(gm) if opts.verify else None
+
+    def build(args) -> Callable:
+        rewritten, late = analyze(gm, dataclasses.replace(opts, cost_model=False), list(args))
+        _record(late)
+        if rewritten is None:
+            return sequential
+        compiled = _compile_rewritten(rewritten, list(args), opts)
+        return _verified(compiled, verify_against, opts) if verify_against is not None else compiled
+
+    return SequentialUnlessStacked(sequential, OnFirstUse(build, counter="batched_after_cost"), report.weight_inputs)
 
 
 def _static(gm: fx.GraphModule, example_inputs) -> bool:
@@ -326,13 +358,13 @@ def diagonal_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict]
     opts = Options.from_dict({**(options or {}), **kwargs})
     _warn_near_recompile_limit(gm)
     rewritten, report = analyze(gm, opts, example_inputs) if opts.enabled else (None, GraphReport(reason="disabled by options"))
-    global report_count
-    reports.append(report)
-    report_count += 1
-    del reports[:-_MAX_REPORTS]
+    _record(report)
     t0 = time.perf_counter()
     if rewritten is None:
+        pristine = _copy(gm) if report.weight_inputs else None  # the inner compiler may edit gm
         compiled = inner_compile(gm, example_inputs, opts.inner)
+        if pristine is not None:
+            compiled = _batched_when_stacked(pristine, compiled, report, opts)
     else:
         compiled = _compile_rewritten(rewritten, example_inputs, opts)
     report.timings["inner_s"] = time.perf_counter() - t0

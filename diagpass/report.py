@@ -27,6 +27,9 @@ class GraphReport:
     # passes/cost.py: weight bytes a copying batched call stacks vs the cells' matmul FLOPs
     cost: Optional[str] = None
     bytes_per_flop: Optional[float] = None
+    # set when the cost decision left the graph sequential for copied weights: the input
+    # positions of each layer-weight role; a call with them stored stacked batches after all
+    weight_inputs: Optional[List[List[int]]] = None
 
     @property
     def num_wavefronts(self) -> int:

@@ -90,6 +90,23 @@ class WeightStackDispatch:
         return self.stacked(full)(*full)
 
 
+class SequentialUnlessStacked:
+    """The cost decision made per call (``passes/cost.py``): the sequential
+    graph while a batched call would copy the layer weights, the batched graph
+    (``batched(args)``, built on first use) while they are stored stacked.
+    ``weight_inputs``: input positions of each weight role across the layers."""
+
+    def __init__(self, sequential: Callable, batched: Callable, weight_inputs):
+        self.sequential = sequential
+        self.batched = batched
+        self.weight_inputs = weight_inputs
+
+    def __call__(self, *args):
+        if stacked_views([[args[i] for i in idx] for idx in self.weight_inputs]) is None:
+            return self.sequential(*args)
+        return self.batched(args)(*args)
+
+
 def stack_weights_(layers: torch.nn.Module) -> int:
     """Store the parameters of ``layers`` (an ``nn.ModuleList`` of identical
     layers) stacked: each parameter name becomes one contiguous ``(L, ...)``

@@ -88,3 +88,56 @@ def test_inductor_on_cpu_leaves_tiny_model_sequential_and_says_why():
     assert "stack_weights_" in report.graphs[0].reason
     assert diagpass.counters["backend"]["graphs_not_batched_cost"] == 1
     assert diagpass.counters["batch"]["cells"] == 0  # refused before the batch pass ran
+
+
+def test_cost_refusal_is_revisited_per_call_when_weights_get_stacked(monkeypatch):
+    """Dynamo does not guard on storage: the graph compiled (sequentially, by the cost rule)
+    for copied weights is reused after ``stack_weights_``; that call must batch."""
+    monkeypatch.setattr(diagpass.backend, "inner_compile", lambda gm, inputs, inner: gm.forward)
+    model = _model()
+    ids = _ids(5)
+    with torch.no_grad():
+        expected = model(ids)
+    compiled = torch.compile(model, backend="diagonal", options={"inner": "inductor"})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids), expected)
+    assert diagpass.counters["backend"]["graphs_not_batched_cost"] == 1
+    assert diagpass.counters["batch"]["cells"] == 0
+    refused = diagpass.backend.reports[-1]
+    assert refused.reason.startswith(COST_REASON) and refused.weight_inputs
+
+    diagpass.stack_weights_(model.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids), expected)
+    assert diagpass.counters["stacked_weights"]["batched_after_cost"] == 1
+    assert diagpass.counters["stacked_weights"]["stacked_graphs_compiled"] == 1
+    assert diagpass.counters["stacked_weights"]["copying_calls"] == 0
+    late = diagpass.backend.reports[-1]
+    assert late.batched and late.reason is None and late.num_wavefronts == refused.num_wavefronts
+    cells = diagpass.counters["batch"]["cells"]
+    assert cells > 0
+
+    with torch.no_grad():  # later stacked calls reuse the batched graph
+        compiled(ids)
+    assert diagpass.counters["stacked_weights"]["batched_after_cost"] == 1
+    assert diagpass.counters["stacked_weights"]["view_calls"] == 2
+    out = compiled(ids)  # gradients into the weights: the stacks would be copies again
+    torch.testing.assert_close(out, expected)
+    assert diagpass.counters["stacked_weights"]["view_calls"] == 2
+    assert diagpass.counters["batch"]["cells"] == cells
+
+
+@pytest.mark.slow
+def test_inductor_graph_left_sequential_batches_once_weights_are_stacked():
+    model = _model()
+    ids = _ids(5)
+    with torch.no_grad():
+        expected = model(ids)
+        compiled = torch.compile(model, backend="diagonal", options={"inner": "inductor"})
+        torch.testing.assert_close(compiled(ids), expected)
+        assert diagpass.counters["batch"]["cells"] == 0
+        diagpass.stack_weights_(model.layers)
+        torch.testing.assert_close(compiled(ids), expected, rtol=1e-5, atol=1e-5)
+    assert diagpass.counters["stacked_weights"]["batched_after_cost"] == 1
+    assert diagpass.counters["stacked_weights"]["view_calls"] == 1
+    assert diagpass.backend.reports[-1].batched
