@@ -218,7 +218,15 @@ def _check_with_fake_tensors(gm: fx.GraphModule) -> None:
         raise NotBatchable(f"the batched graph does not trace ({type(e).__name__}: {e})") from e
 
 
-def inner_compile(gm: fx.GraphModule, example_inputs, inner: str) -> Callable:
+# Inductor options for the rewritten graph. reorder_for_locality moves each producer right
+# before its consumer; it moved every segment's final norm + lm_head to the closing cat, and
+# each of them reads a slice of a batched group's output, so every group buffer stayed alive
+# to the end (small ARMT S=32, weights stacked: 28.9 MiB allocated at the peak, 7.6 MiB
+# without the reordering, latency unchanged: 482.5 vs 477.3 ms, one thread).
+REWRITTEN_INDUCTOR_CONFIG = {"reorder_for_locality": False}
+
+
+def inner_compile(gm: fx.GraphModule, example_inputs, inner: str, rewritten: bool = False) -> Callable:
     if inner == "eager":
         return gm.forward
     if inner == "aot_eager":
@@ -229,7 +237,7 @@ def inner_compile(gm: fx.GraphModule, example_inputs, inner: str) -> Callable:
         return aot_eager_decomp_partition(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    return compile_fx(gm, example_inputs, config_patches=REWRITTEN_INDUCTOR_CONFIG if rewritten else None)
 
 
 def _compile_rewritten(gm: fx.GraphModule, example_inputs, opts: Options) -> Callable:
@@ -241,7 +249,7 @@ def _compile_rewritten(gm: fx.GraphModule, example_inputs, opts: Options) -> Cal
 
     def compile_now(g, inputs):
         # roll: glue runs eagerly, each group compiles its own kernel once
-        return g.forward if opts.roll else inner_compile(g, inputs, opts.inner)
+        return g.forward if opts.roll else inner_compile(g, inputs, opts.inner, rewritten=True)
 
     lifted = None
     if _static(gm, example_inputs):

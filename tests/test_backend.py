@@ -193,3 +193,27 @@ def test_steady_state_groups_share_one_module_and_one_fake_trace():
     assert c["batch"]["groups"] >= 7
     assert c["batch"]["modules"] <= 4
     assert c["backend"]["fake_check_reused_traces"] >= c["batch"]["groups"] - c["batch"]["modules"]
+
+
+def test_rewritten_graph_compiles_without_reorder_for_locality_and_baseline_with_stock_inductor(monkeypatch):
+    """Inductor's reorder_for_locality moved every segment's lm_head to the end, keeping each
+    batched group's output buffer alive (see backend.REWRITTEN_INDUCTOR_CONFIG); the sequential
+    baseline keeps stock Inductor."""
+    import torch._inductor.compile_fx as compile_fx_module
+
+    patches = []
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None, **kwargs):
+        patches.append(config_patches)
+        return gm.forward
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", fake_compile_fx)
+    model = build_armt("llama", num_layers=3, segment_size=8, num_mem_tokens=2, d_mem=8, seed=1)
+    randomize_memory_(model)
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    for options, expected in (({"cost_model": False}, {"reorder_for_locality": False}), ({"enabled": False}, None)):
+        torch._dynamo.reset()
+        patches.clear()
+        with torch.no_grad():
+            torch.compile(model, backend="diagonal", options={"inner": "inductor", **options})(ids)
+        assert patches == [expected]
