@@ -143,11 +143,12 @@ def measure_point(point: Point, modes: List[str], repeats: int, device: str = "c
     """Compile every mode in this process (first call timed: cold when the Inductor cache is
     fresh), then time the steady state: by default in a fresh subprocess that compiles the same
     modes again from the now-warm cache and runs them side by side (`benchmarks.timeworker`).
-    Why: a process that has just compiled a large unrolled graph cold runs it slower than
-    one that loaded the same kernels from the cache (small ARMT-LLaMA S=32, 2 threads,
-    Inductor sequential: 494-497 ms vs 328-331 ms, reproduced outside the harness), and the
-    slowdown hits the modes unequally; a fresh process times every mode under the same
-    conditions. ``fresh_timing=False`` times in this process (the old behaviour)."""
+    Why: two runs that timed in the process that had just compiled the S=32 graphs cold
+    (small ARMT-LLaMA, 2 threads) gave Inductor sequential 494-497 ms, warm-cache processes
+    328-331 ms. A later fresh-process run showed the machine itself switching into a slow
+    regime mid-run (311 -> 489 ms), so the compile's share in that is unproven; a fresh
+    process at least gives every mode the same history. ``fresh_timing=False`` times in
+    this process (the old behaviour)."""
     fns, res, x = compile_modes(point, modes, device, log)
     samples = None
     if fresh_timing and fns:
