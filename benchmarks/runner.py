@@ -95,8 +95,16 @@ def _diag_report() -> dict:
             "passes_s": r.timings.get("passes_s"), "inner_s": r.timings.get("inner_s")}
 
 
-def compile_modes(point: Point, modes: List[str], device: str = "cpu", log=print):
-    """Build and compile every mode, first call timed. Returns ({mode: fn}, {mode: entry}, x)."""
+def compile_modes(point: Point, modes: List[str], device: str = "cpu", log=print, cold: bool = True):
+    """Build and compile every mode, first call timed. Returns ({mode: fn}, {mode: entry}, x).
+
+    Dynamo is reset before each compiled mode's first call: Dynamo's cache is per code object
+    and does not guard on parameter storage, so without the reset ``diag_stacked`` (a second
+    instance of the same model class, same backend options) ran the graph ``diagonal`` had
+    traced and its first call timed only the stacked variant's Inductor compile (S=32: 79 s
+    instead of Dynamo + passes + that compile). A mode compiled before a reset recompiles on
+    its next call; ``rewarm`` does that before in-process timing. ``cold=False`` (the timing
+    worker, which only needs the steady state) resets once per point."""
     import torch._dynamo
     torch._dynamo.reset()  # recompile_limit is per code object: fresh state per point
     res: Dict[str, dict] = {}
@@ -108,6 +116,8 @@ def compile_modes(point: Point, modes: List[str], device: str = "cpu", log=print
             key = (mode.startswith("base"), mode == "diag_stacked")
             if key not in models:
                 models[key] = build(point, *key[:1], device, stacked=key[1])
+            if cold:
+                torch._dynamo.reset()
             fn = make_fn(mode, models[key])
             try:
                 first = _timed(fn, x, device)
@@ -123,6 +133,13 @@ def compile_modes(point: Point, modes: List[str], device: str = "cpu", log=print
             res[mode] = entry
             log(f"  {mode:14s} first call {first:8.2f} s" + (f"  {entry.get('diag')}" if "diag" in entry else ""))
     return fns, res, x
+
+
+def rewarm(fns: Dict[str, Callable], x, device: str = "cpu") -> None:
+    """One call of every mode after ``compile_modes``' resets (recompiles from warm caches)."""
+    with torch.no_grad():
+        for fn in fns.values():
+            _timed(fn, x, device)
 
 
 def time_modes(fns: Dict[str, Callable], x, repeats: int, device: str = "cpu") -> Dict[str, List[float]]:
@@ -156,6 +173,7 @@ def measure_point(point: Point, modes: List[str], repeats: int, device: str = "c
         for mode in fns:
             res[mode]["timed_in"] = "fresh process, warm cache"
     if samples is None:
+        rewarm(fns, x, device)  # compile_modes reset Dynamo between modes
         samples = time_modes(fns, x, repeats, device)
         for mode in fns:
             res[mode]["timed_in"] = "compiling process"

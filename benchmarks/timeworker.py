@@ -16,7 +16,8 @@ def main():
     point = Point.from_dict(json.loads(sys.argv[1]))
     repeats, device, threads = int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     torch.set_num_threads(threads)
-    fns, _, x = compile_modes(point, sys.argv[5:], device, log=lambda *a: print(*a, file=sys.stderr))
+    fns, _, x = compile_modes(point, sys.argv[5:], device, log=lambda *a: print(*a, file=sys.stderr),
+                             cold=False)
     samples = time_modes(fns, x, repeats, device)
     print("TIME " + json.dumps(samples), flush=True)
 
