@@ -195,10 +195,11 @@ def test_steady_state_groups_share_one_module_and_one_fake_trace():
     assert c["backend"]["fake_check_reused_traces"] >= c["batch"]["groups"] - c["batch"]["modules"]
 
 
-def test_rewritten_graph_compiles_without_reorder_for_locality_and_baseline_with_stock_inductor(monkeypatch):
+def test_rewritten_graph_compiles_with_memory_config_and_baseline_with_stock_inductor(monkeypatch):
     """Inductor's reorder_for_locality moved every segment's lm_head to the end, keeping each
-    batched group's output buffer alive (see backend.REWRITTEN_INDUCTOR_CONFIG); the sequential
-    baseline keeps stock Inductor."""
+    batched group's output buffer alive, and its stock realize threshold recomputed batched
+    residual sums from three live inputs (see backend.REWRITTEN_INDUCTOR_CONFIG); the
+    sequential baseline keeps stock Inductor."""
     import torch._inductor.compile_fx as compile_fx_module
 
     patches = []
@@ -211,7 +212,8 @@ def test_rewritten_graph_compiles_without_reorder_for_locality_and_baseline_with
     model = build_armt("llama", num_layers=3, segment_size=8, num_mem_tokens=2, d_mem=8, seed=1)
     randomize_memory_(model)
     ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(0))
-    for options, expected in (({"cost_model": False}, {"reorder_for_locality": False}), ({"enabled": False}, None)):
+    rewritten = {"reorder_for_locality": False, "realize_reads_threshold": 2}
+    for options, expected in (({"cost_model": False}, rewritten), ({"enabled": False}, None)):
         torch._dynamo.reset()
         patches.clear()
         with torch.no_grad():
