@@ -31,7 +31,7 @@ from diagpass.passes.inline_subgraphs import has_subgraph_calls, inline_subgraph
 from diagpass.passes.partition import partition
 from diagpass.passes.schedule import schedule
 from diagpass.passes.stacked_weights import lift_weight_stacks
-from diagpass.weights import OnFirstUse, SequentialUnlessStacked, WeightStackDispatch, stacked_views
+from diagpass.weights import OnFirstUse, SequentialUnlessStacked, WeightStackDispatch, stacked_views_at
 from diagpass.report import GraphReport
 
 log = logging.getLogger("diagpass")
@@ -288,8 +288,7 @@ def _copying_does_not_pay(gm: fx.GraphModule, grid, cost, example_inputs, opts: 
         return False
     if not _static(gm, example_inputs):
         return True  # no stacked-views variant with symbolic shapes: always the copy
-    groups = [[example_inputs[i] for i in idx] for idx in _weight_input_indices(gm, grid)]
-    return stacked_views(groups) is None
+    return stacked_views_at(example_inputs, _weight_input_indices(gm, grid)) is None
 
 
 def _weight_input_indices(gm: fx.GraphModule, grid) -> List[List[int]]:

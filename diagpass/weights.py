@@ -50,6 +50,11 @@ def stacked_views(groups: Sequence[Sequence[torch.Tensor]]) -> Optional[list]:
     return views
 
 
+def stacked_views_at(args: Sequence, indices: Sequence[Sequence[int]]) -> Optional[list]:
+    """``stacked_views`` of the parameters at ``indices`` (one list of input positions per role)."""
+    return stacked_views([[args[i] for i in idx] for idx in indices])
+
+
 class OnFirstUse:
     """``self(args)`` -> the function ``make(args)`` built on the first call."""
 
@@ -78,7 +83,7 @@ class WeightStackDispatch:
         self.param_indices = param_indices
 
     def views(self, args) -> Optional[list]:
-        return stacked_views([[args[i] for i in idx] for idx in self.param_indices])
+        return stacked_views_at(args, self.param_indices)
 
     def __call__(self, *args):
         views = self.views(args)
@@ -102,7 +107,7 @@ class SequentialUnlessStacked:
         self.weight_inputs = weight_inputs
 
     def __call__(self, *args):
-        if stacked_views([[args[i] for i in idx] for idx in self.weight_inputs]) is None:
+        if stacked_views_at(args, self.weight_inputs) is None:
             return self.sequential(*args)
         return self.batched(args)(*args)
 
