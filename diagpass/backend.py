@@ -25,7 +25,9 @@ from diagpass.counters import counters
 from diagpass.errors import NotBatchable
 from diagpass.passes.batch import batch_wavefronts
 from diagpass.passes.cost import CPU_COPY_BYTES_PER_FLOP, estimate_cost
+from diagpass.passes.autocast import drop_noop_autocast_regions, has_noop_autocast_regions
 from diagpass.passes.dependence import build_cell_graph
+from diagpass.passes.functionalize import functionalize
 from diagpass.passes.grad_mode import detach_no_grad_regions, has_grad_mode_switches
 from diagpass.passes.inline_subgraphs import has_subgraph_calls, inline_subgraphs
 from diagpass.passes.partition import partition
@@ -134,9 +136,11 @@ def _analyze(gm: fx.GraphModule, options: Options, example_inputs):
     report = GraphReport(num_nodes=len(gm.graph.nodes))
     t0 = time.perf_counter()
     try:
-        if has_subgraph_calls(gm) or has_grad_mode_switches(gm):
+        if has_subgraph_calls(gm) or has_grad_mode_switches(gm) or has_noop_autocast_regions(gm):
             gm = _copy(gm)  # the passes that edit in place; the fallback keeps the original
         inline_subgraphs(gm)
+        gm, report.writes_functionalized = functionalize(gm)  # a new graph if it rewrites
+        drop_noop_autocast_regions(gm)
         detach_no_grad_regions(gm)  # also refuses autocast / other global-state calls
         grid = partition(gm)
         report.num_segments, report.num_layers = grid.num_segments, grid.num_layers

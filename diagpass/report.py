@@ -30,6 +30,8 @@ class GraphReport:
     # set when the cost decision left the graph sequential for copied weights: the input
     # positions of each layer-weight role; a call with them stored stacked batches after all
     weight_inputs: Optional[List[List[int]]] = None
+    # passes/functionalize.py: in-place writes made private (clone / redirect)
+    writes_functionalized: int = 0
 
     @property
     def num_wavefronts(self) -> int:

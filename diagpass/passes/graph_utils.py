@@ -5,12 +5,16 @@ from __future__ import annotations
 import functools
 import operator
 import re
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.fx as fx
 
 _ROOT = re.compile(r"^L\[['\"][^'\"]*['\"]\]\.?")
+# ``.__dict__['_modules']['layer']``: how Dynamo reaches a submodule of a
+# module whose class overrides ``__getattr__`` (layer wrappers that forward
+# unknown attributes to the wrapped layer).
+_VIA_DICT = re.compile(r"\.__dict__\[['\"]_(?:modules|parameters|buffers)['\"]\]\[['\"]([^'\"]+)['\"]\]")
 _CONTAINER = re.compile(r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]")
 _ITEM = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")
 
@@ -20,7 +24,8 @@ def dotted_path(source_name: str) -> str:
     """``L['self']._modules['layers']._modules['0'].q`` -> ``layers.0.q``.
 
     Cached: an unrolled graph repeats each module path once per segment."""
-    path = _CONTAINER.sub(r".\1", source_name)
+    path = _VIA_DICT.sub(r".\1", source_name)
+    path = _CONTAINER.sub(r".\1", path)
     path = _ROOT.sub("", path)
     path = _ITEM.sub(r".\1", path)
     return path.strip(".")
@@ -28,7 +33,7 @@ def dotted_path(source_name: str) -> str:
 
 _LIFTED = re.compile(r"_(?:parameters|buffers)_(?P<attr>.+)_$")
 _SELF_STATE = re.compile(r"^l_self_(?P<body>(?:modules|parameters|buffers)_.+)_$")
-_STATE_SEP = re.compile(r"(?:^|_)(?:modules|parameters|buffers)_")
+_STATE_SEP = re.compile(r"(?:^|_)(?:dict_)?(?:modules|parameters|buffers)_")
 
 
 def placeholder_path(node: fx.Node) -> Optional[str]:
@@ -60,6 +65,64 @@ def placeholder_path(node: fx.Node) -> Optional[str]:
     return dotted_path(name)
 
 
+_FQN_MAP = "dynamo_flat_name_to_original_fqn"
+# Container steps Dynamo writes into a placeholder's target between two
+# attribute names: ``_modules_``, ``_parameters_``, ``_buffers_``, and
+# ``_dict_`` (``__dict__['_modules']``, for classes overriding ``__getattr__``).
+_MARKERS = re.compile(r"(?:_(?:modules|parameters|buffers|dict)(?=_))+")
+_NON_ALNUM = re.compile(r"[^A-Za-z0-9]")
+
+
+def _fqn_pattern(root: str, fqn: str) -> "re.Pattern":
+    steps = "".join(
+        "_(?:(?:modules|parameters|buffers|dict)_)*" + re.escape(_NON_ALNUM.sub("_", c)) for c in fqn.split(".")
+    )
+    return re.compile("L_" + re.escape(root) + steps + "_?")
+
+
+def placeholder_fqns(gm: fx.GraphModule) -> dict:
+    """{placeholder: original FQN} for the parameters and buffers Dynamo lifted.
+
+    Why not parse placeholder names: they encode the *access path*, which real
+    code bends (``__dict__`` steps for wrappers with a custom ``__getattr__``,
+    lower-cased names, a ModuleList reached under an alias); the FQN map
+    (``gm.meta['dynamo_flat_name_to_original_fqn']``, flat name -> FQN relative
+    to the compiled module, one per parameter object as ``named_parameters``
+    dedupes them) does not. Its keys are not placeholder names, so a
+    placeholder's target is matched to an FQN by canonical form (container
+    steps dropped, non-alphanumerics as ``_``) and then verified by a full
+    match of the target against that FQN's path. Placeholders that match no
+    FQN (plain tensor attributes, which the map leaves out; a parameter
+    reached under another name than its FQN) are not in the result, and
+    neither is any placeholder whose canonical form two FQNs share. Empty when
+    the graph has no map (graphs from ``torch._dynamo.explain``).
+    """
+    fqn_map = gm.meta.get(_FQN_MAP) or {}
+    by_canon: dict = {}
+    roots = set()
+    for flat, fqn in fqn_map.items():
+        if not isinstance(flat, str) or not isinstance(fqn, str):
+            continue
+        canon = _NON_ALNUM.sub("_", fqn)
+        if flat.startswith("L__") and flat.endswith("___" + canon):
+            roots.add(flat[3 : len(flat) - len(canon) - 3])
+        by_canon.setdefault(canon, set()).add(fqn)
+    out = {}
+    for node in gm.graph.find_nodes(op="placeholder"):
+        if not isinstance(node.target, str):
+            continue
+        stripped = _MARKERS.sub("", node.target).rstrip("_")
+        for root in roots:
+            head = "L_" + root + "_"
+            fqns = by_canon.get(stripped[len(head):]) if stripped.startswith(head) else None
+            if fqns and len(fqns) == 1:
+                fqn = next(iter(fqns))
+                if _fqn_pattern(root, fqn).fullmatch(node.target):
+                    out[node] = fqn
+                    break
+    return out
+
+
 def module_paths(node: fx.Node) -> list:
     """Module paths owning ``node``, outermost first (from ``nn_module_stack``)."""
     stack = node.meta.get("nn_module_stack") or {}
@@ -71,6 +134,22 @@ def module_paths(node: fx.Node) -> list:
     return out
 
 
+def copy_graph_module(gm: fx.GraphModule) -> Tuple[fx.GraphModule, Dict[fx.Node, fx.Node]]:
+    """A copy of ``gm`` (same root, same ``meta``) and the old -> new node map."""
+    graph = fx.Graph()
+    val_map: Dict[fx.Node, fx.Node] = {}
+    value = graph.graph_copy(gm.graph, val_map, return_output_node=True)
+    if isinstance(value, tuple):
+        value = value[0]
+    out = graph.output(value)
+    old_out = next(iter(gm.graph.find_nodes(op="output")))
+    out.meta = dict(old_out.meta)
+    val_map[old_out] = out
+    new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    new.meta = dict(gm.meta)
+    return new, val_map
+
+
 def example_value(node: fx.Node):
     return node.meta.get("example_value", node.meta.get("val"))
 
@@ -79,11 +158,22 @@ def is_compute(node: fx.Node) -> bool:
     return node.op in ("call_function", "call_method", "call_module")
 
 
-_MUTATING_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+_MUTATING_FUNCTIONS = {
+    operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+    operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior,
+    operator.ixor, operator.ilshift, operator.irshift, operator.imatmul,
+}
+
+# node.meta key set by passes/functionalize.py on a write it proved private
+# (the written tensor has no other reader): data edges alone then order it.
+PRIVATE_WRITE = "diagpass_private_write"
 
 
-def is_mutation(node: fx.Node) -> bool:
-    """In-place ops: reordering or batching them is not provably safe."""
+def looks_like_mutation(node: fx.Node) -> bool:
+    """A second line of defence only: the in-place forms recognisable from the
+    node alone (``x.mul_()``, ``x += y``, an ATen overload's schema). The
+    authority is ``passes/effects.py`` (every ATen op a node dispatches), which
+    also sees ``inplace=True`` arguments and ``out=``."""
     if node.op == "call_method":
         name = str(node.target)
         return name.endswith("_") and not name.endswith("__")
@@ -92,9 +182,12 @@ def is_mutation(node: fx.Node) -> bool:
             return True
         if isinstance(node.target, torch._ops.OpOverload):
             return node.target._schema.is_mutable
-        name = getattr(node.target, "__name__", "")
-        return name.endswith("_") and not name.endswith("__") and name != "_"
     return False
+
+
+def is_unproven_write(node: fx.Node) -> bool:
+    """An in-place op that functionalize did not prove private."""
+    return PRIVATE_WRITE not in node.meta and looks_like_mutation(node)
 
 
 _RANDOM_NAMES = {

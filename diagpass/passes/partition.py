@@ -14,9 +14,11 @@ Before (Dynamo's unrolled graph, one line per node)::
 After: a ``CellGrid`` mapping every compute node to a cell or to glue.
 
 How:
-1. *Layer stack*: parameter placeholders named ``<prefix>.<i>.<role>`` with
-   i = 0..L-1 and the same roles/shapes for every i are the layers' weights.
+1. *Layer stack*: lifted parameters/buffers at ``<prefix>.<i>.<role>`` with
+   i = 0..L-1 are the layers' weights, located by their original FQN
+   (Dynamo's FQN map; placeholder names only where the map lacks them).
    Parallel lists of the same length (``layers.i`` and ``mem.i``) share i.
+   Layers of differing shapes stay in the stack with roles of their own.
 2. *Anchors*: a node is anchored to layer i if it reads a layer-i weight or
    runs inside module ``<prefix>.<i>`` (``nn_module_stack``); both must agree.
 3. *Segments*: in graph (= execution) order, every maximal run of anchors of
@@ -43,7 +45,8 @@ import torch.fx as fx
 from diagpass.counters import counters
 from diagpass.errors import NotBatchable
 from diagpass.ir.cells import Cell, CellGrid, CellId, LayerStack
-from diagpass.passes.graph_utils import example_value, is_compute, is_mutation, is_random, module_paths, placeholder_path
+from diagpass.passes.graph_utils import example_value, is_compute, is_unproven_write, is_random, module_paths, placeholder_path
+from diagpass.passes.graph_utils import placeholder_fqns
 
 _INDEXED = re.compile(r"^(?P<prefix>.*?)\.(?P<idx>\d+)(?:\.(?P<rest>.*))?$")
 
@@ -55,38 +58,76 @@ def _signature_of(node: fx.Node):
     return type(v).__name__
 
 
-def find_layer_stack(gm: fx.GraphModule) -> LayerStack:
-    lists: Dict[str, Dict[int, Dict[str, fx.Node]]] = collections.defaultdict(dict)
+def _state_paths(gm: fx.GraphModule) -> Dict[fx.Node, str]:
+    """Attribute path of every lifted parameter/buffer/attribute placeholder:
+    its original FQN where Dynamo's FQN map names it (``placeholder_fqns``),
+    else the path parsed from the placeholder (``placeholder_path``: plain
+    tensor attributes, graphs without the map)."""
+    fqns = placeholder_fqns(gm)
+    paths = {}
     for node in gm.graph.find_nodes(op="placeholder"):
-        path = placeholder_path(node)
-        m = _INDEXED.match(path) if path else None
-        if m is None:
-            continue
-        lists[m["prefix"]].setdefault(int(m["idx"]), {})[m["rest"] or ""] = node
+        path = fqns.get(node) or placeholder_path(node)
+        if path:
+            paths[node] = path
+    return paths
 
+
+def _indexed_lists(paths: Dict[fx.Node, str]) -> Dict[str, Dict[int, Dict[str, fx.Node]]]:
+    """``<prefix>.<i>.<rest>`` paths as {prefix: {i: {rest: placeholder}}}."""
+    lists: Dict[str, Dict[int, Dict[str, fx.Node]]] = collections.defaultdict(dict)
+    for node, path in paths.items():
+        m = _INDEXED.match(path)
+        if m is not None:
+            lists[m["prefix"]].setdefault(int(m["idx"]), {})[m["rest"] or ""] = node
+    return lists
+
+
+def _shape_classes(items: Dict[int, Dict[str, fx.Node]]) -> List[List[int]]:
+    """Layers grouped by their parameter signature (names, shapes, dtypes),
+    largest class first (ties: lowest layer first).
+
+    Why classes, not all-or-nothing: a stack where one layer differs (a wider
+    MLP, an extra bias) still has L layers called once per segment; its
+    identical layers can batch. Each class gets roles of its own, so weights
+    are stacked only within a class and cells of different classes never
+    share a group (their input roles differ)."""
+    classes: Dict[tuple, List[int]] = {}
+    for i in sorted(items):
+        key = tuple(sorted((r, _signature_of(p)) for r, p in items[i].items()))
+        classes.setdefault(key, []).append(i)
+    return sorted(classes.values(), key=lambda ls: (-len(ls), ls[0]))
+
+
+def find_layer_stack(gm: fx.GraphModule) -> LayerStack:
+    """The repeated layers: lifted state at ``<list>.<i>.<name>`` for
+    i = 0..L-1 (the longest such list, plus parallel lists of the same
+    length). Layers whose shapes differ from the majority keep their place
+    in the stack with roles of their own (``<list>.*<k>.<name>`` for the k-th
+    class); at least two layers must share one class."""
+    lists = _indexed_lists(_state_paths(gm))
     candidates = {}
     for prefix, items in lists.items():
         n = len(items)
-        if n < 2 or sorted(items) != list(range(n)):
-            continue
-        shapes = [{r: _signature_of(p) for r, p in items[i].items()} for i in range(n)]
-        if any(s != shapes[0] for s in shapes[1:]):
-            continue  # layers of different widths/kinds: not one stack
-        candidates[prefix] = items
+        if n >= 2 and sorted(items) == list(range(n)) and len(_shape_classes(items)[0]) >= 2:
+            candidates[prefix] = items
     if not candidates:
         raise NotBatchable(
-            "no stack of identical layers found: expected parameters named "
-            "<list>.<i>.<name> (an nn.ModuleList of layers with equal shapes)"
+            "no stack of identical layers found: expected parameters at "
+            "<list>.<i>.<name> (an nn.ModuleList of layers, at least two of equal shapes)"
         )
-    main = max(candidates, key=lambda p: sum(len(v) for v in candidates[p].values()))
+    main = max(candidates, key=lambda p: (sum(len(v) for v in candidates[p].values()), p))
     num_layers = len(candidates[main])
     prefixes = sorted(p for p in candidates if len(candidates[p]) == num_layers)
     param_layer, param_role = {}, {}
     for prefix in prefixes:
-        for i, roles in candidates[prefix].items():
-            for rest, node in roles.items():
-                param_layer[node] = i
-                param_role[node] = f"{prefix}.*.{rest}" if rest else f"{prefix}.*"
+        for k, layers in enumerate(_shape_classes(candidates[prefix])):
+            tag = "*" if k == 0 else f"*{k}"
+            for i in layers:
+                for rest, node in candidates[prefix][i].items():
+                    param_layer[node] = i
+                    param_role[node] = f"{prefix}.{tag}.{rest}" if rest else f"{prefix}.{tag}"
+    if any(len(_shape_classes(candidates[p])) > 1 for p in prefixes):
+        counters["partition"]["stacks_with_differing_layers"] += 1
     return LayerStack(num_layers, prefixes, param_layer, param_role)
 
 
@@ -168,10 +209,10 @@ def _refuse_mutation_and_randomness(gm: fx.GraphModule) -> None:
                 "dropout in train mode): reordering would change the random numbers each op draws; "
                 "use model.eval() or dropout p=0 to enable batching"
             )
-        if is_mutation(node):
+        if is_unproven_write(node):
             raise NotBatchable(
-                f"in-place op {node.target} (node {node.name}) in the graph: reordering "
-                "around it is not provably safe; use the out-of-place op to enable batching"
+                f"in-place op {node.target} (node {node.name}) that functionalize did not prove "
+                "private: reordering around it is not provably safe; use the out-of-place op"
             )
 
 

@@ -33,7 +33,7 @@ from diagpass.counters import counters
 from diagpass.ir.cell_graph import CellGraph
 from diagpass.ir.cells import Cell, CellGrid
 from diagpass.ir.schedule import Group, Schedule, Wavefront
-from diagpass.passes.graph_utils import example_value, is_mutation, is_random
+from diagpass.passes.graph_utils import example_value, is_unproven_write, is_random
 
 S, L = sympy.symbols("S L", positive=True, integer=True)
 _SIMPLE = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
@@ -72,7 +72,7 @@ def cell_signature(cell: Cell, grid: CellGrid) -> Optional[tuple]:
 
     body = []
     for n in cell.nodes:
-        if is_random(n) or is_mutation(n) or n.op == "call_module":
+        if is_random(n) or is_unproven_write(n) or n.op == "call_module":
             return None
         body.append((n.op, n.target, enc(n.args), enc(n.kwargs), _value_key(example_value(n))))
     inputs = tuple(
