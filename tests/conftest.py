@@ -37,3 +37,51 @@ def _fresh_dynamo():
     torch.manual_seed(0)  # unseeded draws in a test do not depend on the tests before it
     yield
     torch._dynamo.reset()
+
+
+# --- the `transformers` marker -------------------------------------------------
+# CI runs every test that builds a Hugging Face model a second time, on the
+# older transformers line (4.46.3, `-m transformers` in a second venv). The
+# marker is added here, not by hand: a test is transformers-dependent if its
+# code, a fixture it uses, or a function of its own module it calls (followed
+# transitively) names one of these. A test can also be marked explicitly.
+_HF_NAMES = frozenset({
+    "transformers", "build_armt", "build_rmt", "ARMT", "RMT", "hf_layers", "build_base_model",
+    "official_shapes", "generation",
+})
+
+
+def _code_names(code) -> set:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):  # nested functions, lambdas, comprehensions
+            names |= _code_names(const)
+    return names
+
+
+def _uses_transformers(fn, seen: set) -> bool:
+    fn = getattr(fn, "__wrapped__", fn)
+    code = getattr(fn, "__code__", None)
+    if code is None or code in seen:
+        return False
+    seen.add(code)
+    names = _code_names(code)
+    if names & _HF_NAMES:
+        return True
+    module_globals = getattr(fn, "__globals__", {})
+    for name in names:
+        obj = module_globals.get(name)
+        if callable(obj) and getattr(obj, "__module__", None) == fn.__module__ and _uses_transformers(obj, seen):
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fn = getattr(item, "function", None)
+        if fn is None or item.get_closest_marker("transformers"):
+            continue
+        seen: set = set()
+        fixtures = [d.func for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
+        if any(_uses_transformers(f, seen) for f in [fn, *fixtures]):
+            item.add_marker(pytest.mark.transformers)

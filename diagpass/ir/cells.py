@@ -58,10 +58,21 @@ class LayerStack:
     prefixes: List[str]
     param_layer: Dict[fx.Node, int]
     param_role: Dict[fx.Node, str]
+    _rows: Dict[fx.Node, int] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def by_role(self, role: str) -> List[fx.Node]:
         nodes = [n for n, r in self.param_role.items() if r == role]
         return sorted(nodes, key=lambda n: self.param_layer[n])
+
+    def role_position(self, node: fx.Node) -> int:
+        """Index of ``node`` in ``by_role(its role)``: the row of the role's
+        weight stack that holds it. Not the layer index: a layer whose
+        shapes differ from the others has roles of its own, so the stack of
+        a role can skip layers."""
+        if not self._rows:
+            for role in set(self.param_role.values()):
+                self._rows.update((n, k) for k, n in enumerate(self.by_role(role)))
+        return self._rows[node]
 
 
 @dataclasses.dataclass

@@ -380,20 +380,41 @@ def _attention_layer_index(layer: nn.Module) -> int | None:
     return found.pop() if len(found) == 1 else None
 
 
+def _annotation(param: inspect.Parameter) -> str:
+    ann = param.annotation
+    return ann if isinstance(ann, str) else str(ann)  # "Optional[Cache]", "Cache | None", a class
+
+
+def _attention_takes_cache(layer: nn.Module, name: str) -> bool:
+    """True if the layer's attention module (the one holding ``layer_idx``) takes
+    keyword ``name`` annotated with a ``Cache`` type."""
+    for m in layer.modules():
+        if m is layer or getattr(m, "layer_idx", None) is None:
+            continue
+        params = inspect.signature(m.forward).parameters
+        if name in params and "Cache" in _annotation(params[name]):
+            return True
+    return False
+
+
 def _cache_support(layer: nn.Module, params) -> tuple[str | None, int | None, str | None]:
     """``(cache keyword, layer_idx, None)`` if the layer can decode against a
     ``transformers`` Cache object, else ``(None, None, reason)``.
 
-    Decided from the signature only: the keyword must exist and be annotated with a
-    ``Cache`` type. Layers annotated with a tuple (``layer_past: Optional[Tuple[...]]``,
-    GPT-2 in transformers 4.4x) use the legacy tuple protocol, which we do not drive.
+    Decided from the signatures only: the keyword must exist and be annotated with a
+    ``Cache`` type, on the layer or, where the layer's annotation is stale, on the
+    attention module it hands the keyword to (transformers 4.46 Qwen2: the decoder
+    layer says ``past_key_value: Optional[Tuple[...]]``, its attention
+    ``Optional[Cache]``). Layers whose attention is annotated with a tuple too
+    (``layer_past: Optional[Tuple[...]]``, GPT-2 in transformers 4.4x) use the legacy
+    tuple protocol, which we do not drive. ``call_cached`` checks at run time that
+    the cache grew.
     """
     name = next((n for n in CACHE_KWARGS if n in params), None)
     if name is None:
         return None, None, f"{type(layer).__name__}.forward takes none of {CACHE_KWARGS}"
-    ann = params[name].annotation
-    ann = ann if isinstance(ann, str) else str(ann)  # "Optional[Cache]", "Cache | None", a class
-    if "Cache" not in ann:
+    ann = _annotation(params[name])
+    if "Cache" not in ann and not _attention_takes_cache(layer, name):
         return None, None, f"{type(layer).__name__}.forward({name}: {ann}) is not a Cache (legacy tuple cache)"
     idx = _attention_layer_index(layer)
     if idx is None:

@@ -104,12 +104,12 @@ class _Emitter:
         stack = self.grid.stack
         roles = {stack.param_role.get(n) for n in nodes}
         if len(roles) == 1 and None not in roles:
-            layers = [stack.param_layer[n] for n in nodes]
+            rows = [stack.role_position(n) for n in nodes]
             all_w = self.weight_stack(roles.pop())
-            if layers == list(range(layers[0], layers[0] + len(layers))):
-                index = slice(layers[0], layers[-1] + 1)
+            if rows == list(range(rows[0], rows[0] + len(rows))):
+                index = slice(rows[0], rows[-1] + 1)
             else:
-                index = layers
+                index = rows
             return self.graph.call_function(operator.getitem, (all_w, index)), 0
         counters["batch"]["stacked_inputs"] += 1
         return self.graph.call_function(torch.stack, ([self.env[n] for n in nodes],)), 0

@@ -396,6 +396,22 @@ def test_detach_every_truncates_bptt():
     torch.testing.assert_close(out_full, out_2, rtol=0, atol=0)
 
 
+def _under_eager_attention(base, armt):
+    """(base, armt) with the same weights under eager attention. transformers 5.x
+    switches in place (``set_attn_implementation``); 4.46 fixes the attention class
+    at construction, so there a twin is built with eager attention and given the
+    same weights (ARMT's own parameters included)."""
+    if hasattr(base, "set_attn_implementation"):
+        base.set_attn_implementation("eager")
+        return base, armt
+    twin = type(base)._from_config(base.config, attn_implementation="eager")
+    twin.load_state_dict(base.state_dict())
+    twin.eval()
+    twin_armt = ARMT(twin, armt.segment_size, armt.num_mem_tokens, armt.d_mem)
+    twin_armt.load_state_dict(armt.state_dict())
+    return twin, twin_armt
+
+
 def test_explicit_mask_is_backend_agnostic():
     """The explicit additive mask gives the same result under eager attention (which has no
     is_causal inference) as under sdpa; relying on is_causal under eager would not be causal."""
@@ -405,7 +421,7 @@ def test_explicit_mask_is_backend_agnostic():
     ids = _ids(2, 21)
     with torch.no_grad():
         ref = m(ids)
-        base.set_attn_implementation("eager")
+        base, m = _under_eager_attention(base, m)
         assert hf_layers.check_attention_backend(base, "mask") == "eager"
         with pytest.raises(ValueError):
             hf_layers.check_attention_backend(base, "sdpa_is_causal")
@@ -416,6 +432,11 @@ def test_explicit_mask_is_backend_agnostic():
 
 def test_wrapping_switches_eager_model_to_sdpa():
     base = _base("gpt2")
+    if not hasattr(base, "set_attn_implementation"):
+        pytest.skip(
+            f"transformers {hf_layers.transformers_version()}: the attention class is fixed at "
+            "construction, there is no eager model to switch (hf_layers.force_sdpa documents it)"
+        )
     base.set_attn_implementation("eager")
     m = ARMT(base, SEG, MEM, 16)
     assert base.config._attn_implementation == "sdpa" and m.attn_backend == "sdpa"

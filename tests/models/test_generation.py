@@ -23,6 +23,16 @@ def _model(arch):
     return randomize_memory_(model, std=2.0, seed=3)
 
 
+def _skip_legacy_tuple_cache(model):
+    """GPT-2 on transformers 4.4x has the legacy tuple cache: key/value decoding is
+    refused there and generation falls back to 're-run' (that path is tested by
+    ``test_legacy_tuple_cache_is_detected_and_falls_back_to_rerun``). Anything
+    else refusing the cache still fails the test."""
+    reason = kv_unsupported(model)
+    if reason is not None and "legacy tuple cache" in reason and hf_layers.transformers_version().major < 5:
+        pytest.skip(f"transformers {hf_layers.transformers_version()}: {reason}")
+
+
 def _reference(model, ids, n):
     """Sequential, no cache: call the model on everything so far, argmax of the last."""
     with torch.no_grad():
@@ -126,6 +136,7 @@ def test_kv_logits_and_memory_match_rerun(arch):
     """Same tokens fed to both decoders over three segment boundaries: logits agree to
     float rounding, and so does the memory written at each boundary."""
     model = _model(arch)
+    _skip_legacy_tuple_cache(model)
     ids = _prompt(2, 2 * SEG + 1, seed=5)
     with torch.no_grad():
         _, states = model(ids[:, : 2 * SEG], return_state=True)
@@ -161,6 +172,7 @@ def test_kv_decoding_runs_one_query_position_per_token(arch):
     position per decoded token, and the M memory tokens once per completed segment
     (the memory write) - always with a cache; the re-run path re-runs t + M positions."""
     model = _model(arch)
+    _skip_legacy_tuple_cache(model)
     M = model.num_mem_tokens
     part = 3
     ids = _prompt(1, L * SEG + part, seed=1)
