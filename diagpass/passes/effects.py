@@ -25,6 +25,7 @@ import torch.utils._pytree as pytree
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from diagpass.counters import counters
 from diagpass.errors import NotBatchable
 from diagpass.passes.graph_utils import example_value
 
@@ -106,8 +107,37 @@ class _EffectsInterpreter(fx.Interpreter):
         return result
 
 
+def may_write(gm: fx.GraphModule) -> bool:
+    """False only if no op in ``gm`` wrote any tensor while Dynamo traced it.
+
+    Every node's ``example_value`` is the fake tensor its op produced during
+    tracing, and a write bumps the version counter a tensor shares with all
+    its views; so all counters at 0 prove there was no write. A node without
+    a fake value, or a counter that cannot be read, answers True (analyse)."""
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            continue
+        if "example_value" not in node.meta and "val" not in node.meta:
+            if node.op in ("call_function", "call_method", "call_module"):
+                return True
+            continue
+        for leaf in pytree.tree_leaves(example_value(node)):
+            if isinstance(leaf, torch.Tensor):
+                try:
+                    if leaf._version:
+                        return True
+                except RuntimeError:  # inference tensors keep no counter
+                    return True
+    return False
+
+
 def analyze_effects(gm: fx.GraphModule) -> Effects:
-    """Run ``gm`` once on its placeholders' fake tensors and record its effects."""
+    """Run ``gm`` once on its placeholders' fake tensors and record its effects
+    (nothing to run when ``may_write`` proves the graph writes nothing)."""
+    if not may_write(gm):
+        counters["effects"]["graphs_proven_write_free"] += 1
+        return Effects({}, {}, {})
+    counters["effects"]["graphs_analyzed"] += 1
     fakes = [example_value(n) for n in gm.graph.find_nodes(op="placeholder")]
     mode = _fake_mode(fakes)
     if mode is None:

@@ -246,3 +246,14 @@ def test_in_place_writes_train_with_exact_gradients(mode):
     assert backend.reports[-1].batched, backend.reports[-1].reason
     for k, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_version_counters_prove_a_graph_write_free_and_catch_inplace_keywords():
+    from diagpass.passes.effects import may_write
+
+    torch.manual_seed(0)
+    clean, _ = dynamo_graph(WritingNet("relu_inplace").layers[0].m, torch.randn(1, D))
+    assert not may_write(clean)
+    for mode in ("relu_inplace", "out", "setitem"):
+        gm, _ = dynamo_graph(WritingNet(mode).eval(), torch.randn(1, 2 * SEG, D))
+        assert may_write(gm), mode
