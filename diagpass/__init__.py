@@ -2,9 +2,13 @@
 
 ``torch.compile(model, backend="diagonal")`` works without importing this
 package (entry point). Importing it also registers the backend, unless the
-entry point already did.
+entry point already did, and the ``diagpass`` log with ``torch._logging``
+(``TORCH_LOGS="diagpass"``, see ``diagpass.logs``).
 """
 
+from typing import List
+
+from diagpass import logs  # noqa: F401 - registers TORCH_LOGS="diagpass" before anything logs
 from diagpass.backend import DiagonalMismatch, Options, diagonal_backend
 from diagpass.counters import counters
 from diagpass.errors import NotBatchable
@@ -23,9 +27,24 @@ __all__ = [
     "diagonal_backend",
     "explain",
     "mark_compile_regions",
+    "reports",
     "stack_weights_",
 ]
 __version__ = "0.1.0"
+
+
+def reports() -> List[GraphReport]:
+    """What the diagonal backend did to each graph it compiled in this process,
+    newest last (a copy: the backend keeps the most recent 1,024).
+
+    ``reports()[-1]`` is the graph compiled last; a model with graph breaks or
+    several input shapes leaves one report per graph. Each is a ``GraphReport``
+    (``batched``, ``reason``, ``wavefronts``, ``groups``, ``timings``,
+    ``recompile_reason``, ``.plot()``); ``print`` one for the S x L grid.
+    """
+    from diagpass import backend
+
+    return list(backend.reports)
 
 
 def _register() -> None:

@@ -21,6 +21,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.fx as fx
 
+from diagpass import logs
 from diagpass.counters import counters
 from diagpass.errors import NotBatchable
 from diagpass.passes.batch import batch_wavefronts
@@ -39,6 +40,7 @@ from diagpass.report import GraphReport
 log = logging.getLogger("diagpass")
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+INTERNAL_ERROR = "internal error in the pass, graph left unchanged"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,16 +180,14 @@ def _analyze(gm: fx.GraphModule, options: Options, example_inputs):
         report.batched = bool(result.batched_groups)
         report.reason = None if report.batched else (reason or "no group could be batched")
         counters["backend"]["graphs_batched" if report.batched else "graphs_rolled_unbatched"] += 1
-        if not report.batched:
-            log.info("diagpass: graph not batched (cells still compiled once each): %s", report.reason)
-        return result.gm, report
+        return result.gm, report  # the backend logs the report (logs.report_graph)
     except NotBatchable as e:
         report.reason = e.reason
         counters["backend"]["graphs_not_batched"] += 1
-        log.info("diagpass: graph left sequential: %s", e.reason)
         return None, report
     except Exception as e:  # noqa: BLE001 - any surprise means: do not rewrite
-        report.reason = f"internal error in the pass, graph left unchanged: {type(e).__name__}: {e}"
+        # one line naming the cause; the traceback only under TORCH_LOGS="+diagpass"
+        report.reason = f"{INTERNAL_ERROR}: {logs.first_line(e)}"
         counters["backend"]["graphs_fallback_error"] += 1
         log.warning("diagpass: %s", report.reason, exc_info=log.isEnabledFor(logging.DEBUG))
         return None, report
@@ -216,10 +216,12 @@ def _check_with_fake_tensors(gm: fx.GraphModule) -> None:
     if mode is None:
         raise NotBatchable("placeholders carry no fake tensors to check the rewrite with")
     try:
-        with mode, memoized_fake_outputs():
+        # a failing trial is an expected outcome: torch's tracebacks of it go to DEBUG
+        with logs.quiet_trial("the fake-tensor check of the batched graph"), mode, memoized_fake_outputs():
             ChangedNodesFakeProp(gm, mode).propagate_dont_convert_inputs(*fakes)
     except Exception as e:  # noqa: BLE001
-        raise NotBatchable(f"the batched graph does not trace ({type(e).__name__}: {e})") from e
+        log.debug("diagpass: the batched graph does not trace", exc_info=True)
+        raise NotBatchable(f"the batched graph does not trace ({logs.first_line(e)})") from e
 
 
 # Inductor options for the rewritten graph. reorder_for_locality moves each producer right
@@ -265,7 +267,8 @@ def _compile_rewritten(gm: fx.GraphModule, example_inputs, opts: Options) -> Cal
         try:
             lifted = lift_weight_stacks(gm)
         except Exception as e:  # noqa: BLE001 - an optimisation: never worth a crash
-            log.warning("diagpass: weight stacks not lifted (%s: %s); weights are copied per call", type(e).__name__, e)
+            log.warning("diagpass: weight stacks not lifted (%s); weights are copied per call",
+                        logs.first_line(e), exc_info=log.isEnabledFor(logging.DEBUG))
     if lifted is None:
         return compile_now(gm, example_inputs)
     copying = OnFirstUse(lambda args: compile_now(gm, list(args)))
@@ -313,8 +316,10 @@ def _batched_when_stacked(gm: fx.GraphModule, sequential: Callable, report: Grap
         rewritten, late = analyze(gm, dataclasses.replace(opts, cost_model=False), list(args))
         _record(late)
         if rewritten is None:
+            logs.report_graph(late, gm, None, opts.min_group)
             return sequential
         compiled = _compile_rewritten(rewritten, list(args), opts)
+        logs.report_graph(late, gm, rewritten, opts.min_group)
         return _verified(compiled, verify_against, opts) if verify_against is not None else compiled
 
     return SequentialUnlessStacked(sequential, OnFirstUse(build, counter="batched_after_cost"), report.weight_inputs)
@@ -351,20 +356,27 @@ def _verified(compiled: Callable, original: fx.GraphModule, opts: Options) -> Ca
     return run
 
 
-def _warn_near_recompile_limit(gm: fx.GraphModule) -> None:
-    """Dynamo compiles one graph per segment count and silently runs eager
-    after ``recompile_limit`` of them: say so before it happens."""
+def _warn_near_recompile_limit(gm: fx.GraphModule, reason: Optional[str]) -> None:
+    """Dynamo silently runs a frame eagerly after ``recompile_limit`` compiles
+    of it: say so one compile before, naming the guard whose failure caused
+    this recompile (``logs.recompile_reason``: Dynamo's own words). The most
+    common guard for these models is the number of segments (Dynamo
+    specialises on it), but a flag, a Python scalar or a module attribute can
+    be the cause as well; the warning states the guard, not an assumption."""
     compile_id = gm.meta.get("dynamo_compile_id")
     attempt = getattr(compile_id, "frame_compile_id", None)
     limit = torch._dynamo.config.recompile_limit
     if isinstance(attempt, int) and attempt + 1 >= limit - 1:
         counters["backend"]["recompile_limit_warnings"] += 1
         log.warning(
-            "diagpass: compile %d of this frame (Dynamo specialises on the number of "
-            "segments); at torch._dynamo.config.recompile_limit=%d Dynamo stops compiling "
-            "and runs the model eagerly. Pad inputs to a few fixed lengths (whole "
-            "segments) or raise the limit.",
+            "diagpass: compile %d of this frame; the guard that failed: %s. At "
+            "torch._dynamo.config.recompile_limit=%d Dynamo stops compiling this frame and "
+            "runs it eagerly. If the guard is on the input length (one graph per number of "
+            "segments), pad inputs to a few fixed lengths (whole segments) or use "
+            "options={'roll': True}; otherwise keep that value fixed; or raise the limit. "
+            'All reasons: TORCH_LOGS="recompiles".',
             attempt + 1,
+            reason or "Dynamo did not record one",
             limit,
         )
 
@@ -372,8 +384,10 @@ def _warn_near_recompile_limit(gm: fx.GraphModule) -> None:
 def diagonal_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, **kwargs):
     entered = time.perf_counter()
     opts = Options.from_dict({**(options or {}), **kwargs})
-    _warn_near_recompile_limit(gm)
+    recompile_reason = logs.recompile_reason()
+    _warn_near_recompile_limit(gm, recompile_reason)
     rewritten, report = analyze(gm, opts, example_inputs) if opts.enabled else (None, GraphReport(reason="disabled by options"))
+    report.recompile_reason = recompile_reason
     _record(report)
     t0 = time.perf_counter()
     if rewritten is None:
@@ -386,6 +400,7 @@ def diagonal_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict]
     report.timings["inner_s"] = time.perf_counter() - t0
     report.timings["entered_at"] = entered  # perf_counter(): Dynamo time = entered_at - call start
     report.timings["left_at"] = time.perf_counter()
+    logs.report_graph(report, gm, rewritten, opts.min_group)
     if opts.verify and rewritten is not None:
         return _verified(compiled, gm, opts)
     return compiled

@@ -32,6 +32,8 @@ class GraphReport:
     weight_inputs: Optional[List[List[int]]] = None
     # passes/functionalize.py: in-place writes made private (clone / redirect)
     writes_functionalized: int = 0
+    # the guard of the previous compile that failed, as Dynamo states it (None: first compile)
+    recompile_reason: Optional[str] = None
 
     @property
     def num_wavefronts(self) -> int:
@@ -54,6 +56,15 @@ class GraphReport:
                 cells.append(f"{mark or '.':>{width}}")
             rows.append(f"{s:>9} " + "".join(cells))
         return "\n".join(rows)
+
+    def plot(self, path=None, ax=None):
+        """Draw the S x L grid, each cell coloured by its wavefront and batched
+        cells outlined (``diagpass.plot``; needs matplotlib: ``pip install
+        'diagpass[plot]'``). With ``path`` the figure is saved there (PNG, SVG,
+        ... by extension); returns the matplotlib Figure."""
+        from diagpass.plot import plot_grid
+
+        return plot_grid(self, path=path, ax=ax)
 
     def __str__(self) -> str:
         lines = [
@@ -111,6 +122,10 @@ class DiagonalReport:
         if self.graph_breaks:
             reasons.append("graph breaks split the recurrence: " + "; ".join(self.graph_breaks))
         return "; ".join(reasons) or "nothing to batch"
+
+    def plot(self, path=None, ax=None):
+        """The grid of the main graph (the largest S x L), as ``GraphReport.plot``."""
+        return self._main().plot(path=path, ax=ax)
 
     def __str__(self) -> str:
         parts = [f"DiagonalReport: {len(self.graphs)} graph(s), "

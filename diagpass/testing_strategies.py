@@ -13,20 +13,27 @@
 (memory kind, norm placement/kind, MHA/GQA, MLP kind, rope, number of layers
 and segments, segment size, memory tokens, a short last segment, batch size,
 code shape: state in attributes / memory parameters outside the layers,
-truncated BPTT) and builds it with ``build_family_model``.
+truncated BPTT, research-code forms: in-place residuals and activations,
+masks built with ``&``/``|`` and ``masked_fill_``, rope inside
+``autocast(enabled=False)``) and builds it with ``build_family_model``.
 
 ``batchable`` is :func:`expected_batching`: ``True`` / ``False`` when the
 answer follows from first principles, ``None`` when it depends on details of
 the pass (then the test only checks equivalence).
+
+hypothesis is imported when a strategy is built, not on import: this module
+(``expected_batching``, ``DTYPE_TOLERANCES``, ``DrawnModel``) and
+``diagpass.testing`` work without it. A new strategy is written as usual with
+``@_composite`` in place of ``@st.composite`` and ``st = _st()`` in its body.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+import functools
+from typing import Callable, Optional, Sequence
 
 import torch
-from hypothesis import strategies as st
 
 from diagpass.models.family import (
     FFN_KINDS,
@@ -47,6 +54,32 @@ DTYPE_TOLERANCES = {
 }
 
 _CONVERGING_KINDS = ("associative", "gated", "linear_attention", "xl_cache")
+
+
+def _st():
+    """``hypothesis.strategies``, imported on first use (hypothesis is in the ``dev`` extra)."""
+    try:
+        from hypothesis import strategies
+    except ImportError as e:
+        raise ImportError(
+            "diagpass.testing_strategies: the strategies need hypothesis (pip install 'diagpass[dev]' "
+            "or pip install hypothesis); diagpass.testing itself does not"
+        ) from e
+    return strategies
+
+
+def _composite(fn: Callable) -> Callable:
+    """``@st.composite``, applied on the first call instead of at import:
+    ``family_configs(...)`` then imports hypothesis, not ``import`` of this module."""
+    built = []
+
+    @functools.wraps(fn)
+    def strategy(*args, **kwargs):
+        if not built:
+            built.append(_st().composite(fn))
+        return built[0](*args, **kwargs)
+
+    return strategy
 
 
 def _detach_flags(config: FamilyConfig, S: int) -> list:
@@ -131,7 +164,7 @@ class DrawnModel:
         )
 
 
-@st.composite
+@_composite
 def family_configs(
     draw,
     *,
@@ -141,6 +174,7 @@ def family_configs(
     minimal: bool = False,
 ) -> FamilyConfig:
     """A random, valid ``FamilyConfig``. ``minimal`` keeps widths tiny (d_model 16)."""
+    st = _st()
     kind = draw(st.sampled_from(tuple(memory_kinds)))
     n_layers = draw(st.integers(1, max_layers))
     if minimal:
@@ -174,11 +208,14 @@ def family_configs(
         state_in_attributes=draw(st.booleans()),
         memory_params_outside=draw(st.booleans()),
         detach_every=draw(st.one_of(st.none(), st.integers(1, 3))),
+        inplace_ops=draw(st.booleans()),
+        mask_ops=draw(st.booleans()),
+        autocast_rope=draw(st.booleans()),
         dtype=draw(st.sampled_from(tuple(dtypes))),
     )
 
 
-@st.composite
+@_composite
 def rmt_models(
     draw,
     *,
@@ -194,6 +231,7 @@ def rmt_models(
     The last segment is full or short (1..segment_size tokens); ``batchable``
     is :func:`expected_batching` (``None`` = not certain).
     """
+    st = _st()
     config = draw(
         family_configs(memory_kinds=memory_kinds, max_layers=max_layers, dtypes=dtypes, minimal=minimal)
     )
