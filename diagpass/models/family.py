@@ -84,6 +84,11 @@ class FamilyConfig:
     state_in_attributes: bool = False
     memory_params_outside: bool = False
     detach_every: int | None = None  # truncated BPTT: detach state after every k-th segment
+    # research-code shapes (same maths): residuals added in place / F.silu(inplace=True),
+    # attention masks built with & | and masked_fill_, rope inside autocast(enabled=False)
+    inplace_ops: bool = False
+    mask_ops: bool = False
+    autocast_rope: bool = False
     dtype: torch.dtype = torch.float32
 
     def __post_init__(self):

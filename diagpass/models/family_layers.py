@@ -65,6 +65,8 @@ class Attention(nn.Module):
         self.head_dim = d // config.n_heads
         self.rope = config.rope
         self.rope_base = config.rope_base
+        self.mask_ops = config.mask_ops
+        self.autocast_rope = config.autocast_rope
         bias = config.bias
         self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
@@ -80,17 +82,34 @@ class Attention(nn.Module):
         k = self.k_proj(kv_in).view(B, P + N, Hk, hd).transpose(1, 2)
         v = self.v_proj(kv_in).view(B, P + N, Hk, hd).transpose(1, 2)
         if self.rope:
-            cos, sin = rope_cos_sin(P + N, hd, self.rope_base, x.dtype, x.device)
+            if self.autocast_rope:  # transformers 4.4x's rotary embedding shape
+                with torch.autocast(x.device.type, enabled=False):
+                    cos, sin = rope_cos_sin(P + N, hd, self.rope_base, x.dtype, x.device)
+            else:
+                cos, sin = rope_cos_sin(P + N, hd, self.rope_base, x.dtype, x.device)
             q = apply_rope(q, cos[P:], sin[P:])
             k = apply_rope(k, cos, sin)
         k = repeat_kv(k, H // Hk)
         v = repeat_kv(v, H // Hk)
-        if P == 0:
+        if self.mask_ops:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=_additive_causal_mask(N, P, x))
+        elif P == 0:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             mask = torch.ones(N, P + N, dtype=torch.bool, device=x.device).tril(diagonal=P)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(o.transpose(1, 2).reshape(B, N, H * hd))
+
+
+def _additive_causal_mask(N: int, P: int, x: torch.Tensor) -> torch.Tensor:
+    """The causal-with-prefix mask as research code builds it: bool algebra
+    with ``&``/``|``, then an additive float mask filled in place."""
+    i = torch.arange(N, device=x.device)[:, None]
+    j = torch.arange(P + N, device=x.device)[None, :]
+    allowed = (j <= i + P) & (j >= 0) | (j < P)
+    bias = torch.zeros(N, P + N, dtype=x.dtype, device=x.device)
+    bias.masked_fill_(~allowed, float("-inf"))
+    return bias
 
 
 class GeluMLP(nn.Module):
@@ -109,9 +128,10 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(config.d_model, config.ffn_dim, bias=config.bias)
         self.up_proj = nn.Linear(config.d_model, config.ffn_dim, bias=config.bias)
         self.down_proj = nn.Linear(config.ffn_dim, config.d_model, bias=config.bias)
+        self.inplace = config.inplace_ops
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.silu(self.gate_proj(x), inplace=self.inplace) * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -126,6 +146,7 @@ class Block(nn.Module):
     def __init__(self, config, memory: nn.Module | None = None):
         super().__init__()
         self.post_norm = config.norm_placement == "post"
+        self.inplace = config.inplace_ops
         self.state_in_attributes = config.state_in_attributes
         self.attn = Attention(config)
         self.mlp = SwiGLU(config) if config.ffn_kind == "swiglu" else GeluMLP(config)
@@ -137,6 +158,12 @@ class Block(nn.Module):
         if self.post_norm:
             h = self.norm1(x + self.attn(x, prefix))
             return self.norm2(h + self.mlp(h))
+        if self.inplace:  # h = x + attn(...) written into the attention output
+            h = self.attn(self.norm1(x), None if prefix is None else self.norm1(prefix))
+            h += x
+            out = self.mlp(self.norm2(h))
+            out += h
+            return out
         h = x + self.attn(self.norm1(x), None if prefix is None else self.norm1(prefix))
         return h + self.mlp(self.norm2(h))
 
