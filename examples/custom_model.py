@@ -74,5 +74,5 @@ if __name__ == "__main__":
 
     import diagpass  # only for the report of what the backend did
 
-    report = diagpass.backend.reports[-1]
+    report = diagpass.reports()[-1]
     print(report)
