@@ -64,6 +64,13 @@ def _numel(v) -> int:
     return v.numel() if isinstance(v, torch.Tensor) and all(isinstance(d, int) for d in v.shape) else 0
 
 
+def _arg_value(node, i: int, name: str):
+    """Example value of argument ``i`` / keyword ``name`` (transformers 4.46
+    GPT-NeoX calls SDPA with ``query=``, ``key=``), or None."""
+    a = node.args[i] if len(node.args) > i else node.kwargs.get(name)
+    return example_value(a) if hasattr(a, "meta") else None
+
+
 def _node_flops(node) -> int:
     if node.op != "call_function":
         return 0
@@ -74,7 +81,7 @@ def _node_flops(node) -> int:
             return 2 * _numel(out) * a.shape[-1]
         return 0
     if is_sdpa(node):
-        q, k = (example_value(a) for a in node.args[:2])
+        q, k = _arg_value(node, 0, "query"), _arg_value(node, 1, "key")
         if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(k.shape[-2], int):
             return 4 * _numel(q) * k.shape[-2]  # QK^T and PV
     return 0

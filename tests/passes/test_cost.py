@@ -141,3 +141,21 @@ def test_inductor_graph_left_sequential_batches_once_weights_are_stacked():
     assert diagpass.counters["stacked_weights"]["batched_after_cost"] == 1
     assert diagpass.counters["stacked_weights"]["view_calls"] == 1
     assert diagpass.backend.reports[-1].batched
+
+
+def test_sdpa_called_with_keywords_is_counted():
+    """transformers 4.46 GPT-NeoX calls SDPA as (query=, key=, value=): counted, not
+    an internal error (it left that model unbatched)."""
+    import torch.nn.functional as F
+
+    from diagpass.passes.cost import _node_flops
+    from tests.helpers import dynamo_graph
+
+    class Attn(torch.nn.Module):
+        def forward(self, q):
+            return F.scaled_dot_product_attention(query=q, key=q * 2, value=q)
+
+    gm, _ = dynamo_graph(Attn(), torch.randn(1, 2, 5, 4))
+    sdpa = [n for n in gm.graph.nodes if "scaled_dot_product" in str(n.target)]
+    assert sdpa and not sdpa[0].args
+    assert _node_flops(sdpa[0]) == 4 * (1 * 2 * 5 * 4) * 5
