@@ -33,6 +33,7 @@ from diagpass.passes.grad_mode import detach_no_grad_regions, has_grad_mode_swit
 from diagpass.passes.inline_subgraphs import has_subgraph_calls, inline_subgraphs
 from diagpass.passes.partition import partition
 from diagpass.passes.schedule import schedule
+from diagpass.passes.see_through import has_concat_reads, simplify_concat_slices
 from diagpass.passes.stacked_weights import lift_weight_stacks
 from diagpass.weights import OnFirstUse, SequentialUnlessStacked, WeightStackDispatch, stacked_views_at
 from diagpass.report import GraphReport
@@ -138,10 +139,14 @@ def _analyze(gm: fx.GraphModule, options: Options, example_inputs):
     report = GraphReport(num_nodes=len(gm.graph.nodes))
     t0 = time.perf_counter()
     try:
-        if has_subgraph_calls(gm) or has_grad_mode_switches(gm) or has_noop_autocast_regions(gm):
+        if (
+            has_subgraph_calls(gm) or has_grad_mode_switches(gm)
+            or has_noop_autocast_regions(gm) or has_concat_reads(gm)
+        ):
             gm = _copy(gm)  # the passes that edit in place; the fallback keeps the original
         inline_subgraphs(gm)
         gm, report.writes_functionalized = functionalize(gm)  # a new graph if it rewrites
+        simplify_concat_slices(gm)  # after functionalize: every write is private
         drop_noop_autocast_regions(gm)
         detach_no_grad_regions(gm)  # also refuses autocast / other global-state calls
         grid = partition(gm)

@@ -270,3 +270,15 @@ def simplify_concat_slices(gm: fx.GraphModule) -> int:
         graph.lint()
         gm.recompile()
     return rewritten
+
+
+def has_concat_reads(gm: fx.GraphModule) -> bool:
+    """Whether ``simplify_concat_slices`` would rewrite anything (the backend
+    copies Dynamo's graph for the in-place passes only when one has work)."""
+    for read in gm.graph.nodes:
+        if read.op not in ("call_function", "call_method"):
+            continue
+        found = _concat_read(read) or _stack_read(read)
+        if found is not None and _safe(read, *found):
+            return True
+    return False
