@@ -171,6 +171,13 @@ def _group_decisions(report, min_group: int) -> List[str]:
     return out
 
 
+def _groups_line(report) -> str:
+    """``1 | 2* | 2* 1 | ...``: wavefront by wavefront, the size of each group."""
+    batched = {tuple(g) for g in report.batched_groups}
+    return " | ".join(" ".join(f"{len(g)}{'*' if tuple(g) in batched else ''}" for g in groups)
+                      for groups in report.groups)
+
+
 def _cells(cells) -> str:
     return "[" + " ".join(f"({s},{l})" for s, l in cells) + "]"
 
@@ -186,8 +193,7 @@ def summary_lines(report, label: str, min_group: int, rolled: bool = False) -> L
         shape = "no cell grid"
     lines = [f"diagpass: {label}: {report.num_nodes} nodes; {shape}"]
     if report.groups:
-        sizes = sorted((len(g) for w in report.groups for g in w), reverse=True)
-        lines.append(f"diagpass: {label}: group sizes {sizes}")
+        lines.append(f"diagpass: {label}: groups per wavefront (cells in each, * = batched): {_groups_line(report)}")
     lines += [f"diagpass: {label}: {d}" for d in decisions(report, min_group, rolled)]
     if report.recompile_reason:
         lines.append(f"diagpass: {label}: a recompile; the guard that failed: {report.recompile_reason}")
