@@ -44,11 +44,19 @@ def _fresh_dynamo():
 # older transformers line (4.46.3, `-m transformers` in a second venv). The
 # marker is added here, not by hand: a test is transformers-dependent if its
 # code, a fixture it uses, or a function of its own module it calls (followed
-# transitively) names one of these. A test can also be marked explicitly.
-_HF_NAMES = frozenset({
-    "transformers", "build_armt", "build_rmt", "ARMT", "RMT", "hf_layers", "build_base_model",
-    "official_shapes", "generation",
-})
+# transitively) uses a global defined in one of these modules (or names
+# `transformers`). A test can also be marked explicitly.
+_HF_MODULES = (
+    "transformers", "diagpass.models.armt", "diagpass.models.rmt", "diagpass.models.hf_layers",
+    "diagpass.models.generation", "diagpass.models.official_shapes",
+)
+
+
+def _from_hf_module(obj) -> bool:
+    import types
+
+    name = obj.__name__ if isinstance(obj, types.ModuleType) else getattr(obj, "__module__", None)
+    return isinstance(name, str) and any(name == m or name.startswith(m + ".") for m in _HF_MODULES)
 
 
 def _code_names(code) -> set:
@@ -66,11 +74,13 @@ def _uses_transformers(fn, seen: set) -> bool:
         return False
     seen.add(code)
     names = _code_names(code)
-    if names & _HF_NAMES:
+    if "transformers" in names:
         return True
     module_globals = getattr(fn, "__globals__", {})
     for name in names:
         obj = module_globals.get(name)
+        if obj is not None and _from_hf_module(obj):
+            return True
         if callable(obj) and getattr(obj, "__module__", None) == fn.__module__ and _uses_transformers(obj, seen):
             return True
     return False
