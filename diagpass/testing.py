@@ -6,7 +6,8 @@
 ``assert_equivalent`` compiles ``model`` with the diagonal backend, compares
 outputs (and with ``grads=True`` every parameter's gradient) against eager,
 and checks that batching did or did not happen. Hypothesis strategies that
-draw whole RMT-style models live in ``diagpass.testing_strategies``.
+draw whole RMT-style models live in ``diagpass.testing_strategies``; this
+module needs no hypothesis (tested with hypothesis blocked from importing).
 """
 
 from __future__ import annotations
