@@ -25,6 +25,7 @@ embeddings, a mask) are passed once, unstacked.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import operator
 from typing import Dict, List, Optional
 
@@ -135,12 +136,27 @@ class _Emitter:
             self.modules[name] = module
             counters["batch"]["modules"] += 1
         call = self.graph.call_module(target, tuple(args))
+        _carry_checkpoint_tags(call, cells)
         for j in range(len(rep.outputs)):
             stacked = self.graph.call_function(operator.getitem, (call, j))
             for i, cell in enumerate(cells):
                 out = self.env[cell.outputs[j]] = self.graph.call_function(operator.getitem, (stacked, i))
                 out.meta["diagpass_replaces"] = example_value(cell.outputs[j])  # see diagpass/fake_check.py
         return True
+
+
+_CHECKPOINT_IDS = itertools.count(1 << 24)
+
+
+def _carry_checkpoint_tags(call: fx.Node, cells: List[Cell]) -> None:
+    """Cells inside ``torch.utils.checkpoint`` (tags from inline_subgraphs)
+    make their group's call a checkpoint region of its own: AOTAutograd copies
+    the call's ``recompute``/``ac_graph_id`` onto every op traced under it."""
+    tagged = [n.meta["recompute"] for c in cells for n in c.nodes if n.meta.get("recompute") is not None]
+    if tagged:
+        call.meta["recompute"] = tagged[0]
+        call.meta["ac_graph_id"] = next(_CHECKPOINT_IDS)
+        counters["batch"]["checkpointed_groups"] += 1
 
 
 def _glue_buckets(grid: CellGrid, wave_of: Dict) -> Dict[int, List[fx.Node]]:

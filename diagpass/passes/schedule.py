@@ -74,7 +74,9 @@ def cell_signature(cell: Cell, grid: CellGrid) -> Optional[tuple]:
     for n in cell.nodes:
         if is_random(n) or is_unproven_write(n) or n.op == "call_module":
             return None
-        body.append((n.op, n.target, enc(n.args), enc(n.kwargs), _value_key(example_value(n))))
+        # recompute: a checkpointed cell and a plain one compute the same values but
+        # are not one group (the group's call becomes one checkpoint region)
+        body.append((n.op, n.target, enc(n.args), enc(n.kwargs), _value_key(example_value(n)), n.meta.get("recompute")))
     inputs = tuple(
         (grid.stack.param_role.get(a), _value_key(example_value(a))) for a in cell.inputs
     )
