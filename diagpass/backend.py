@@ -179,8 +179,12 @@ def _analyze(gm: fx.GraphModule, options: Options, example_inputs):
         # cell then compiles once instead of once per copy (RMT, short inputs).
         result = batch_wavefronts(grid, sched, options.min_group, roll=options.roll, inner=options.inner)
         if not result.batched_groups and not options.roll:
+            if result.unbatchable:  # every group's batched call failed its trial trace
+                raise NotBatchable(f"the batched graph does not trace ({result.unbatchable[0][1]})")
             raise NotBatchable("no group could be batched (inputs that cannot be stacked)")
         _check_with_fake_tensors(result.gm)
+        for where, cause in result.unbatchable:  # the other groups batched: one line per cause
+            log.info("diagpass: %s runs cell by cell: its batched call does not trace (%s)", where, cause)
         report.batched_groups = [list(g.cells) for g in result.batched_groups]
         report.batched = bool(result.batched_groups)
         report.reason = None if report.batched else (reason or "no group could be batched")

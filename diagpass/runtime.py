@@ -14,6 +14,10 @@ nodes run *directly* on the stacked tensors:
 - ``torch.cat``: vmap's rule reads concrete sizes, which specialises a kernel
   compiled for a symbolic group size (``passes/roll.py``) to one width; cat
   of the stacked inputs along the shifted dim is the same op.
+- ops of the row-wise table (``diagpass/row_wise.py``: ``lstm_cell`` and the
+  other RNN cells, which vmap cannot batch): the group dim is folded into the
+  op's batch dim when the group shares the weights, as for SDPA; otherwise the
+  op's decomposition runs under vmap.
 
 The template is cut at every direct node into pieces; pieces run under vmap.
 """
@@ -29,6 +33,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from diagpass.counters import counters
+from diagpass.row_wise import row_wise_spec
 
 SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 
@@ -84,8 +89,12 @@ def is_direct_cat(node: fx.Node) -> bool:
     return len({v.dim() for v in values}) == 1 and values[0].dim() > 0
 
 
+def is_row_wise(node: fx.Node) -> bool:
+    return node.op == "call_function" and row_wise_spec(node.target, node.args, node.kwargs) is not None
+
+
 def is_direct(node: fx.Node) -> bool:
-    return is_sdpa(node) or is_direct_cat(node)
+    return is_sdpa(node) or is_direct_cat(node) or is_row_wise(node)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +178,18 @@ def _fetch(env, a):
     return env[a.name] if isinstance(a, _Ref) else (a, False)
 
 
+def _fetch_arg(env, a, G):
+    """(value, batched) of an argument that may be a list of template values
+    (lstm_cell's ``hx``): a list with any stacked element comes back with
+    every element stacked."""
+    if not isinstance(a, (list, tuple)):
+        return _fetch(env, a)
+    items = [_fetch(env, x) for x in a]
+    if not any(b for _, b in items):
+        return type(a)(v for v, _ in items), False
+    return type(a)(BatchedCell._stacked(v, b, G) for v, b in items), True
+
+
 class BatchedCell(torch.nn.Module):
     """Runs ``template`` (one cell: inputs -> tuple of outputs) over a group.
 
@@ -182,6 +203,8 @@ class BatchedCell(torch.nn.Module):
         self.in_dims = tuple(in_dims)
         self.group_size = group_size
         self._placeholders, self._pieces, self._final = _split_at_direct_nodes(template)
+        # (argument metadata) -> output metadata of the batch pass's trial trace
+        self._traced: Dict[tuple, tuple] = {}
         for i, p in enumerate(self._pieces):
             if p.gm is not None:
                 self.add_module(f"piece{i}", p.gm)
@@ -201,11 +224,19 @@ class BatchedCell(torch.nn.Module):
             return value
         return value.expand(G, *value.shape)
 
+    def record_trial(self, args, outs) -> None:
+        """Keep the output metadata of a trace on ``args`` (the batch pass's
+        trial on fake stacked inputs): the backend's whole-graph check then
+        reuses it for a call on arguments of the same metadata."""
+        key, meta = _static_meta(args), _static_meta(outs)
+        if key is not None and meta is not None:
+            self._traced[key] = meta
+
     def forward(self, *args):
         if _fake_memo is None:
             return self._run(*args)
         key = _static_meta(args)
-        hit = _fake_memo.get((id(self), key)) if key is not None else None
+        hit = (_fake_memo.get((id(self), key)) or self._traced.get(key)) if key is not None else None
         if hit is not None:
             counters["backend"]["fake_check_reused_traces"] += 1
             return tuple(
@@ -226,8 +257,7 @@ class BatchedCell(torch.nn.Module):
         }
         for piece in self._pieces:
             if piece.gm is None:
-                run = self._sdpa if piece.node.target in SDPA_TARGETS else self._cat
-                env[piece.node.name] = run(piece.node, env, G)
+                env[piece.node.name] = self._direct(piece.node)(piece.node, env, G)
                 continue
             values = [env[name] for name in piece.inputs]
             if not any(b for _, b in values):
@@ -240,6 +270,53 @@ class BatchedCell(torch.nn.Module):
             for name, out in zip(piece.outputs, outs):
                 env[name] = (out, batched)
         return tuple(self._stacked(*env[name], G) for name in self._final)
+
+    def _direct(self, node: _Direct):
+        if node.target in SDPA_TARGETS:
+            return self._sdpa
+        if row_wise_spec(node.target, node.args, node.kwargs) is not None:
+            return self._row_wise
+        return self._cat
+
+    def _row_wise(self, node: _Direct, env, G):
+        """A row-wise table op on stacked values: folded into its batch dim
+        when the group shares its weights, else its decomposition under vmap."""
+        spec = row_wise_spec(node.target, node.args, node.kwargs)
+        values = [_fetch_arg(env, a, G) for a in node.args]
+        if not any(b for _, b in values):
+            return node.target(*[v for v, _ in values]), False
+        shared_batched = any(b for i, (_, b) in enumerate(values) if i in spec.shared_args)
+        ranks = [
+            t.dim() - b if isinstance(t, torch.Tensor) else None
+            for i in spec.row_args
+            for v, b in [values[i]]
+            for t in (v if isinstance(v, (list, tuple)) else [v])
+        ]
+        if not shared_batched and all(r == spec.rank for r in ranks):
+            counters["batch"]["row_wise_folded"] += 1
+            return self._fold_rows(node, spec, values, G), True
+        counters["batch"]["row_wise_decomposed"] += 1
+        dims = tuple(0 if b else None for _, b in values)
+        return torch.vmap(spec.decomposition, in_dims=dims, out_dims=0)(*[v for v, _ in values]), True
+
+    def _fold_rows(self, node: _Direct, spec, values, G):
+        """(G, B, ...) rows folded to (G * B, ...), one call, unfolded again.
+        Row arguments not stacked (a zero state shared by the group) are
+        expanded to G first."""
+
+        def fold(x):
+            return self._stacked(*x, G).flatten(0, 1)
+
+        args = []
+        for i, (v, b) in enumerate(values):
+            if i not in spec.row_args:
+                args.append(v)
+            elif isinstance(v, (list, tuple)):
+                args.append(type(v)(fold((t, b)) for t in v))
+            else:
+                args.append(fold((v, b)))
+        out = node.target(*args)
+        return torch.utils._pytree.tree_map(lambda t: t.unflatten(0, (G, -1)), out)
 
     def _cat(self, node: _Direct, env, G):
         """cat of per-cell tensors = cat of stacked tensors one dim further in."""

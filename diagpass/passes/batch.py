@@ -20,18 +20,26 @@ shared module: a steady state of S wavefronts has one BatchedCell, not S.
 Groups smaller than ``min_group`` (and cells that must never batch) are
 copied node for node. Inputs shared by every cell of a group (the memory
 embeddings, a mask) are passed once, unstacked.
+
+Each new ``BatchedCell`` is traced once on fake stacked inputs when it is
+built (``_Emitter.trial``). A group whose batched call does not trace (an op
+vmap cannot batch and ``diagpass/row_wise.py`` cannot fold) is copied node for
+node like a small group, the other groups still batch, and the cause is
+logged in one line; the backend's whole-graph fake check stays the safety net.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import operator
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
 
+from diagpass import logs
 from diagpass.counters import counters
 from diagpass.ir.cells import Cell, CellGrid
 from diagpass.ir.schedule import Group, Schedule
@@ -39,12 +47,16 @@ from diagpass.passes.graph_utils import example_value
 from diagpass.passes.roll import CompiledGroup, group_structure
 from diagpass.runtime import BatchedCell
 
+log = logging.getLogger("diagpass")  # tracebacks of failed trials (DEBUG)
+
 
 @dataclasses.dataclass
 class BatchResult:
     gm: fx.GraphModule
     batched_groups: List[Group]
     batched_cells: int
+    # groups left unbatched by their trial trace: (which group, the cause), one per distinct cause
+    unbatchable: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
 
 
 def _template(cell: Cell) -> fx.GraphModule:
@@ -82,6 +94,9 @@ class _Emitter:
         # steady state calls one module (one template, one fake trace, one
         # codegen), not a copy per group.
         self.module_for: Dict[tuple, str] = {}
+        # module keys whose trial trace failed -> the cause (tried once per key)
+        self.failed: Dict[tuple, str] = {}
+        self.causes: List[Tuple[str, str]] = []
 
     def copy(self, node: fx.Node) -> None:
         self.env[node] = self.graph.node_copy(node, lambda x: self.env[x])
@@ -118,21 +133,33 @@ class _Emitter:
     def batched(self, name: str, cell_ids: List, roll_inner: Optional[str] = None) -> bool:
         cells = [self.grid.cells[c] for c in cell_ids]
         rep = cells[0]
+        mark = self._last_node()
         args, dims = [], []
         for k in range(len(rep.inputs)):
             slot = self.group_input([c.inputs[k] for c in cells])
             if slot is None:
                 counters["batch"]["groups_skipped_nontensor_input"] += 1
+                self._rollback(mark)
                 return False
             args.append(slot[0])
             dims.append(slot[1])
         structure = group_structure(rep.signature, dims)
-        target = self.module_for.get((structure, len(cells), roll_inner))
-        if target is None:
+        key = (structure, len(cells), roll_inner)
+        target = self.module_for.get(key)
+        if target is None and key not in self.failed:
             module = BatchedCell(_template(rep), dims, len(cells))
+            cause = self.trial(module, cells, args, dims)
+            if cause is not None:
+                self.failed[key] = cause
+                self.refuse(name, cells, cause)
+        if key in self.failed:
+            counters["batch"]["groups_unbatchable"] += 1
+            self._rollback(mark)
+            return False
+        if target is None:
             if roll_inner is not None:
                 module = CompiledGroup(module, structure, roll_inner)
-            target = self.module_for[(structure, len(cells), roll_inner)] = name
+            target = self.module_for[key] = name
             self.modules[name] = module
             counters["batch"]["modules"] += 1
         call = self.graph.call_module(target, tuple(args))
@@ -143,6 +170,55 @@ class _Emitter:
                 out = self.env[cell.outputs[j]] = self.graph.call_function(operator.getitem, (stacked, i))
                 out.meta["diagpass_replaces"] = example_value(cell.outputs[j])  # see diagpass/fake_check.py
         return True
+
+
+    def trial(self, module: BatchedCell, cells: List[Cell], args: List, dims: List) -> Optional[str]:
+        """Trace ``module`` on fake stacked inputs; None if it traces, else the
+        cause in one line. The inputs are built as the call builds them (a
+        stack of the cells' values, or the one shared value), and the output
+        metadata is kept for the backend's whole-graph check to reuse."""
+        mode = next((m for m in (getattr(example_value(a), "fake_mode", None) for a in cells[0].inputs) if m), None)
+        if mode is None:
+            return None  # nothing to trace with: the backend's whole-graph check decides
+        try:
+            with logs.quiet_trial("the trial trace of a batched group"), mode:
+                fakes = [self._fake_arg(cells, k, a, d) for k, (a, d) in enumerate(zip(args, dims))]
+                module.record_trial(fakes, module._run(*fakes))
+        except Exception as e:  # noqa: BLE001 - the group is then not batched: never a wrong answer
+            log.debug("diagpass: a batched group does not trace", exc_info=True)
+            return logs.first_line(e)
+        counters["batch"]["groups_traced"] += 1
+        return None
+
+    @staticmethod
+    def _fake_arg(cells: List[Cell], k: int, arg: fx.Node, dim):
+        """Fake value of argument ``k``: a cell input (stacked over the group
+        if ``dim`` is 0), or a lifted constant (``torch.tensor`` of Python
+        values: its node is run as it is)."""
+        if k < len(cells[0].inputs):
+            values = [example_value(c.inputs[k]) for c in cells]
+            return values[0] if dim is None else torch.stack(values)
+        return arg.target(*arg.args, **arg.kwargs)
+
+    def refuse(self, name: str, cells: List[Cell], cause: str) -> None:
+        """Recorded once per distinct cause, not per wavefront. The backend
+        logs it (one line) once it knows whether the graph batched at all:
+        if not, the cause is the graph's reason instead."""
+        if any(c == cause for _, c in self.causes):
+            return
+        ids = ", ".join(str(c.id) for c in cells)
+        self.causes.append((f"group {name} (cells {ids})", cause))
+
+    def _last_node(self) -> Optional[fx.Node]:
+        return next(iter(reversed(self.graph.nodes)), None)
+
+    def _rollback(self, mark: Optional[fx.Node]) -> None:
+        """Erase the nodes emitted after ``mark`` (a refused group's stacks):
+        unused, they would still run under the eager inner compiler."""
+        while self._last_node() is not mark:
+            node = self._last_node()
+            self.stacks = {r: n for r, n in self.stacks.items() if n is not node}
+            self.graph.erase_node(node)
 
 
 _CHECKPOINT_IDS = itertools.count(1 << 24)
@@ -234,4 +310,4 @@ def batch_wavefronts(
     em.graph.lint()
     new_gm = fx.GraphModule(root, em.graph, class_name=type(gm).__name__)
     new_gm.meta = dict(gm.meta)
-    return BatchResult(new_gm, done, sum(g.size for g in done))
+    return BatchResult(new_gm, done, sum(g.size for g in done), list(em.causes))
