@@ -149,3 +149,18 @@ def test_fp32_gap_beyond_eagers_own_error_is_within_the_rounding_sensitivity():
     assert_equivalent(float64_copy(model), ids, options={"inner": "eager"}, expect_batched=True, rtol=1e-9, atol=1e-9)
     gap = assert_fp32_within_noise_floor(model, ids, options={"inner": "eager"})
     assert gap["floor"] > 10 * gap["own"]  # the model really is this ill-conditioned
+
+
+def test_rrelu_in_training_is_random_and_eval_is_not():
+    """rrelu draws its slopes in training: a random op (batching would change
+    the stream); in eval it is a fixed leaky ReLU."""
+    import torch.nn.functional as F
+
+    from diagpass.passes.graph_utils import is_random
+
+    def f(x):
+        return F.rrelu(x, training=True), F.rrelu(x, training=False), torch.nn.functional.rrelu(x)
+
+    gm = torch.fx.symbolic_trace(f)
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert [is_random(n) for n in calls] == [True, False, False]

@@ -34,7 +34,7 @@ import dataclasses
 import itertools
 import logging
 import operator
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -45,6 +45,7 @@ from diagpass.ir.cells import Cell, CellGrid
 from diagpass.ir.schedule import Group, Schedule
 from diagpass.passes.graph_utils import example_value
 from diagpass.passes.roll import CompiledGroup, group_structure
+from diagpass.passes.schedule import cell_constants
 from diagpass.runtime import BatchedCell
 
 log = logging.getLogger("diagpass")  # tracebacks of failed trials (DEBUG)
@@ -59,15 +60,21 @@ class BatchResult:
     unbatchable: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
 
 
-def _template(cell: Cell) -> fx.GraphModule:
+def _template(cell: Cell, lifted: Sequence[Tuple[int, int]] = ()) -> fx.GraphModule:
+    """One cell as a graph of its inputs; each ``lifted`` constant (node index,
+    argument position) becomes one more input, after the cell's own."""
     g = fx.Graph()
     env: Dict[fx.Node, fx.Node] = {}
     for k, a in enumerate(cell.inputs):
         ph = g.placeholder(f"in_{k}")
         ph.meta = dict(a.meta)
         env[a] = ph
-    for n in cell.nodes:
+    slots = {site: g.placeholder(f"const_{k}") for k, site in enumerate(lifted)}
+    for i, n in enumerate(cell.nodes):
         env[n] = g.node_copy(n, lambda x: env[x])
+        for pos in range(len(n.args)):
+            if (i, pos) in slots:
+                env[n].update_arg(pos, slots[(i, pos)])
         if n.op == "call_method" and n.target == "view" and not _is_dtype_view(n):
             # Same values; but under vmap the batched layout can make a view
             # impossible (and AOTAutograd's backward of view is a view).
@@ -130,6 +137,21 @@ class _Emitter:
         counters["batch"]["stacked_inputs"] += 1
         return self.graph.call_function(torch.stack, ([self.env[n] for n in nodes],)), 0
 
+    def lifted_constants(self, cells: List[Cell], args: List, dims: List) -> List[Tuple[int, int]]:
+        """The constants in which the group's cells differ (schedule grouped
+        them with constants as slots), each appended to ``args`` as a 0-dim
+        tensor per cell, stacked: ``tensor([c_0, ..., c_{G-1}], dtype)``."""
+        per_cell = [cell_constants(c) for c in cells]
+        lifted = []
+        for k, (i, pos, _, dtype) in enumerate(per_cell[0]):
+            values = [sites[k][2] for sites in per_cell]
+            if any(v != values[0] or type(v) is not type(values[0]) for v in values):
+                args.append(self.graph.call_function(torch.tensor, (values,), {"dtype": dtype}))
+                dims.append(0)
+                lifted.append((i, pos))
+                counters["batch"]["constants_lifted"] += 1
+        return lifted
+
     def batched(self, name: str, cell_ids: List, roll_inner: Optional[str] = None) -> bool:
         cells = [self.grid.cells[c] for c in cell_ids]
         rep = cells[0]
@@ -143,11 +165,12 @@ class _Emitter:
                 return False
             args.append(slot[0])
             dims.append(slot[1])
+        lifted = self.lifted_constants(cells, args, dims)
         structure = group_structure(rep.signature, dims)
-        key = (structure, len(cells), roll_inner)
+        key = (structure, len(cells), roll_inner, tuple(lifted))
         target = self.module_for.get(key)
         if target is None and key not in self.failed:
-            module = BatchedCell(_template(rep), dims, len(cells))
+            module = BatchedCell(_template(rep, lifted), dims, len(cells))
             cause = self.trial(module, cells, args, dims)
             if cause is not None:
                 self.failed[key] = cause
@@ -170,7 +193,6 @@ class _Emitter:
                 out = self.env[cell.outputs[j]] = self.graph.call_function(operator.getitem, (stacked, i))
                 out.meta["diagpass_replaces"] = example_value(cell.outputs[j])  # see diagpass/fake_check.py
         return True
-
 
     def trial(self, module: BatchedCell, cells: List[Cell], args: List, dims: List) -> Optional[str]:
         """Trace ``module`` on fake stacked inputs; None if it traces, else the

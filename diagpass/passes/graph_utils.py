@@ -194,6 +194,7 @@ _RANDOM_NAMES = {
     "rand", "randn", "rand_like", "randn_like", "randint", "randint_like", "randperm",
     "bernoulli", "bernoulli_", "multinomial", "normal", "normal_", "poisson", "uniform_",
     "exponential_", "geometric_", "cauchy_", "log_normal_", "native_dropout",
+    "rrelu_with_noise", "rrelu_with_noise_",
 }
 
 
@@ -203,6 +204,9 @@ def is_random(node: fx.Node) -> bool:
         return False
     target = node.target
     name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+    if name in ("rrelu", "rrelu_"):  # F.rrelu(x, lower, upper, training=False, inplace)
+        training = node.kwargs.get("training", node.args[3] if len(node.args) > 3 else False)
+        return training is not False
     if "dropout" in name and name != "native_dropout":
         p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
         training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)

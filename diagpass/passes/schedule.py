@@ -22,6 +22,7 @@ dtypes, which values leave the cell) up to *which* outside values they read.
 
 from __future__ import annotations
 
+import operator
 from typing import Dict, List, Optional, Tuple
 
 import networkx as nx
@@ -51,9 +52,52 @@ def _value_key(v):
     return (type(v).__name__, repr(v) if isinstance(v, _SIMPLE) else id(v))
 
 
-def cell_signature(cell: Cell, grid: CellGrid) -> Optional[tuple]:
+# Binary ops where a Python number equals a 0-dim tensor of the other operand's
+# dtype bit for bit (one correctly rounded operation; the scalar is cast to that
+# dtype either way). Division is left out: a kernel may multiply by the reciprocal
+# of a scalar divisor. bf16/fp16 are left out: their scalar ops run in fp32.
+_LIFTABLE_FUNCTIONS = {operator.mul, operator.add, operator.sub, torch.mul, torch.add, torch.sub}
+_LIFTABLE_METHODS = {"mul", "add", "sub"}
+_LIFT_DTYPES = {torch.float32: (int, float), torch.float64: (int, float), torch.int64: (int,)}
+
+
+def constant_sites(node: fx.Node) -> List[Tuple[int, object, torch.dtype]]:
+    """(argument position, value, dtype) of each Python number ``node`` combines
+    with a tensor where passing it as a 0-dim tensor gives the same result."""
+    if node.kwargs or len(node.args) != 2:
+        return []
+    if not (
+        (node.op == "call_function" and node.target in _LIFTABLE_FUNCTIONS)
+        or (node.op == "call_method" and node.target in _LIFTABLE_METHODS)
+    ):
+        return []
+    sites = []
+    for pos in (0, 1) if node.op == "call_function" else (1,):
+        value, other = node.args[pos], node.args[1 - pos]
+        tensor = example_value(other) if isinstance(other, fx.Node) else None
+        if isinstance(value, bool) or not isinstance(tensor, torch.Tensor):
+            continue
+        kinds = _LIFT_DTYPES.get(tensor.dtype)
+        result = example_value(node)
+        if kinds and isinstance(value, kinds) and isinstance(result, torch.Tensor) and result.dtype == tensor.dtype:
+            sites.append((pos, value, tensor.dtype))
+    return sites
+
+
+def cell_constants(cell: Cell) -> List[Tuple[int, int, object, torch.dtype]]:
+    """(node index in the cell, argument position, value, dtype) of every
+    liftable constant: cells that differ only in these batch, with them
+    stacked as an input (``passes/batch.py``)."""
+    return [(i, pos, v, dt) for i, n in enumerate(cell.nodes) for pos, v, dt in constant_sites(n)]
+
+
+def cell_signature(cell: Cell, grid: CellGrid, constants_as_slots: bool = False) -> Optional[tuple]:
     """A hashable description that is equal iff two cells compute the same
-    function of their inputs; None if the cell must never be batched."""
+    function of their inputs; None if the cell must never be batched. With
+    ``constants_as_slots`` the liftable constants count as inputs (their
+    values left out): equal then means the same function of inputs and
+    those constants."""
+    slotted = {(i, pos): ("const", dt) for i, pos, _, dt in cell_constants(cell)} if constants_as_slots else {}
     index = {n: i for i, n in enumerate(cell.nodes)}
     slots = {n: k for k, n in enumerate(cell.inputs)}
 
@@ -71,12 +115,13 @@ def cell_signature(cell: Cell, grid: CellGrid) -> Optional[tuple]:
         return (type(a).__name__, id(a))  # unknown objects: equal only if identical
 
     body = []
-    for n in cell.nodes:
+    for i, n in enumerate(cell.nodes):
         if is_random(n) or is_unproven_write(n) or n.op == "call_module":
             return None
+        args = tuple(slotted.get((i, pos)) or enc(a) for pos, a in enumerate(n.args))
         # recompute: a checkpointed cell and a plain one compute the same values but
         # are not one group (the group's call becomes one checkpoint region)
-        body.append((n.op, n.target, enc(n.args), enc(n.kwargs), _value_key(example_value(n)), n.meta.get("recompute")))
+        body.append((n.op, n.target, args, enc(n.kwargs), _value_key(example_value(n)), n.meta.get("recompute")))
     inputs = tuple(
         (grid.stack.param_role.get(a), _value_key(example_value(a))) for a in cell.inputs
     )
@@ -139,9 +184,11 @@ def _reason(graph: CellGraph, steps, culprit) -> str:
 
 
 def schedule(grid: CellGrid, graph: CellGraph) -> Schedule:
-    signatures = {cid: cell_signature(cell, grid) for cid, cell in grid.cells.items()}
-    for cid, sig in signatures.items():
-        grid.cells[cid].signature = sig
+    for cid, cell in grid.cells.items():
+        cell.signature = cell_signature(cell, grid)
+    # Grouped by the signature with liftable constants as slots: cells that differ
+    # only in such constants (a per-layer scale, a per-segment offset) share a group.
+    signatures = {cid: cell_signature(cell, grid, constants_as_slots=True) for cid, cell in grid.cells.items()}
     wavefronts: List[Wavefront] = []
     for t, generation in enumerate(nx.topological_generations(graph.dag)):
         cells = sorted(generation, key=lambda c: (c[1], c[0]))
