@@ -150,10 +150,14 @@ class _MemoryCell(nn.Module):
         for layer in self.layers:
             layer.zero_mem()
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
         embeds = self.model.get_input_embeddings()(input_ids)
         memory = self.memory.unsqueeze(0).expand(input_ids.shape[0], -1, -1)
-        out = self.model(inputs_embeds=torch.cat([embeds, memory], dim=1), use_cache=False)
+        kwargs = {}
+        if attention_mask is not None:  # the segment's padding mask, memory tokens always seen
+            ones = attention_mask.new_ones(attention_mask.shape[0], self.num_mem_tokens)
+            kwargs["attention_mask"] = torch.cat([attention_mask, ones], dim=1)
+        out = self.model(inputs_embeds=torch.cat([embeds, memory], dim=1), use_cache=False, **kwargs)
         return out.logits[:, : -self.num_mem_tokens]
 
 
@@ -170,9 +174,14 @@ class AttributeMemoryARMT(nn.Module):
     def memory_layers(self):
         return list(self.memory_cell.layers)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
         self.memory_cell.zero_mem()
-        logits = [self.memory_cell(seg) for seg in input_ids.split(self.segment_size, dim=1)]
+        segments = input_ids.split(self.segment_size, dim=1)
+        if attention_mask is None:
+            logits = [self.memory_cell(seg) for seg in segments]
+        else:  # the official wrapper hands each segment its slice of the mask
+            masks = attention_mask.split(self.segment_size, dim=1)
+            logits = [self.memory_cell(seg, attention_mask=m) for seg, m in zip(segments, masks)]
         return torch.cat(logits, dim=1)
 
 
