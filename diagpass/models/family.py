@@ -32,6 +32,9 @@ Code-shape options (same maths, bitwise-identical outputs):
 
 * ``state_in_attributes``: state kept in module attributes (``self.A = self.A + ...``),
   reset at the start of ``forward``, ``self.first_segment`` Python flag.
+* ``layer_major`` / ``stacked_memory``: loop order and state container (see the
+  fields); ignored with ``state_in_attributes``, for rmt, and (stacked_memory)
+  for none or with ``layer_major``.
 * ``memory_params_outside``: per-layer memory modules live in the top-level
   ``self.memories`` ModuleList and the top-level forward does read / layer / write inline;
   ``self.layers[l]`` is then a plain decoder layer. Ignored for rmt / none (no per-layer
@@ -53,6 +56,7 @@ from diagpass.models.family_memory import make_memory
 
 MEMORY_KINDS = ("associative", "gated", "linear_attention", "xl_cache", "rmt", "skip_k", "none")
 PER_LAYER_MEMORY_KINDS = ("associative", "gated", "linear_attention", "xl_cache", "skip_k")
+STACKABLE_MEMORY_KINDS = ("associative", "gated", "linear_attention", "xl_cache")  # every layer has a state
 TOKEN_MEMORY_KINDS = ("associative", "gated", "linear_attention", "skip_k")
 FFN_KINDS = ("gelu_mlp", "swiglu")
 NORM_PLACEMENTS = ("pre", "post")
@@ -89,6 +93,14 @@ class FamilyConfig:
     inplace_ops: bool = False
     mask_ops: bool = False
     autocast_rope: bool = False
+    # loop shapes (same maths): ``layer_major`` runs every segment through layer l
+    # before layer l+1 (the layer's outputs concatenated, the next layer slicing its
+    # segments out again); ``stacked_memory`` keeps all layers' states as one
+    # ``torch.stack`` per segment, read back as ``states[l]``. Functional forward
+    # only; layer_major: per-layer memory kinds and "none"; stacked_memory: the
+    # STACKABLE_MEMORY_KINDS, not with layer_major; ignored otherwise.
+    layer_major: bool = False
+    stacked_memory: bool = False
     dtype: torch.dtype = torch.float32
 
     def __post_init__(self):
@@ -130,6 +142,20 @@ def memory_token_counts(config: FamilyConfig) -> tuple[int, int]:
     if config.memory_kind in TOKEN_MEMORY_KINDS:
         return 0, config.num_mem_tokens
     return 0, 0
+
+
+def _stack_states(states):
+    """All layers' states as one stack (a tuple of stacks for tuple states)."""
+    if isinstance(states[0], tuple):
+        return tuple(torch.stack([st[i] for st in states]) for i in range(len(states[0])))
+    return torch.stack(states)
+
+
+def _unstack_states(stacked, n_layers: int):
+    """``[stacked[l] for l]``: how code keeping memory stacked reads layer l's."""
+    if isinstance(stacked, tuple):
+        return [tuple(c[l] for c in stacked) for l in range(n_layers)]
+    return [stacked[l] for l in range(n_layers)]
 
 
 def _detach(state):
@@ -240,7 +266,49 @@ class RecurrentTransformer(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.config.state_in_attributes:
             return self._forward_attributes(input_ids)
+        if self.config.layer_major and self.config.memory_kind in PER_LAYER_MEMORY_KINDS + ("none",):
+            return self._forward_layer_major(input_ids)
         return self._forward_functional(input_ids)
+
+    def _cell(self, l, x, incoming):
+        """Layer l on one segment: (output, new state)."""
+        if self.config.memory_kind not in PER_LAYER_MEMORY_KINDS:
+            return self.layers[l](x), None
+        if self.outside:
+            mem = self.memories[l]
+            x_in, prefix = mem.read(x, incoming)
+            y = self.layers[l](x_in, prefix=prefix)
+            return y, mem.write(x, y, incoming)
+        return self.layers[l](x, incoming)
+
+    def _forward_layer_major(self, input_ids):
+        """Layer by layer, each over all segments; between layers the segment
+        outputs are concatenated and sliced again (as one call of a base model
+        over all segments would see them)."""
+        cfg = self.config
+        k = cfg.memory_shift
+        segments = input_ids.split(cfg.segment_size, dim=1)
+        xs = [self._wrap_segment(self.embed(seg), None) for seg in segments]
+        widths = [x.shape[1] for x in xs]
+        states = []  # states[l][s]: layer l's state after segment s
+        for l in range(cfg.n_layers):
+            ys, row, state = [], [], None
+            for s, x in enumerate(xs):
+                if cfg.memory_kind == "skip_k":
+                    incoming = states[l - k][s - 1] if l >= k and s > 0 else None
+                else:
+                    incoming = state
+                y, state = self._cell(l, x, incoming)
+                if self._detach_now(s):
+                    state = _detach(state)
+                ys.append(y)
+                row.append(state)
+            states.append(row)
+            h = torch.cat(ys, dim=1)
+            starts = [sum(widths[:i]) for i in range(len(widths))]
+            xs = [h[:, a : a + w] for a, w in zip(starts, widths)]
+        outs = [self._logits(x, seg.shape[1]) for x, seg in zip(xs, segments)]
+        return torch.cat(outs, dim=1)
 
     def _forward_functional(self, input_ids):
         cfg = self.config
@@ -271,6 +339,8 @@ class RecurrentTransformer(nn.Module):
                     y, new_states[l] = block(x, incoming)
                 x = y
             states = new_states
+            if cfg.stacked_memory and kind in STACKABLE_MEMORY_KINDS and not cfg.layer_major:
+                states = _unstack_states(_stack_states(states), L)
             if kind == "rmt":
                 rmt_mem = x[:, -cfg.num_mem_tokens :]
             if self._detach_now(s):
@@ -392,6 +462,7 @@ __all__ = [
     "NORM_KINDS",
     "NORM_PLACEMENTS",
     "PER_LAYER_MEMORY_KINDS",
+    "STACKABLE_MEMORY_KINDS",
     "TOKEN_MEMORY_KINDS",
     "Block",
     "FamilyConfig",

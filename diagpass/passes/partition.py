@@ -45,7 +45,7 @@ import torch.fx as fx
 from diagpass.counters import counters
 from diagpass.errors import NotBatchable
 from diagpass.ir.cells import Cell, CellGrid, CellId, LayerStack
-from diagpass.passes.graph_utils import example_value, is_compute, is_unproven_write, is_random, module_paths, placeholder_path
+from diagpass.passes.graph_utils import dotted_path, example_value, is_compute, is_unproven_write, is_random, module_paths, placeholder_path
 from diagpass.passes.graph_utils import placeholder_fqns
 
 _INDEXED = re.compile(r"^(?P<prefix>.*?)\.(?P<idx>\d+)(?:\.(?P<rest>.*))?$")
@@ -164,25 +164,182 @@ def _anchor_layers(gm: fx.GraphModule, stack: LayerStack) -> Dict[fx.Node, int]:
     return anchors
 
 
-def _runs(gm: fx.GraphModule, anchors: Dict[fx.Node, int], num_layers: int) -> Dict[fx.Node, CellId]:
-    seen_runs = [0] * num_layers
-    cell_of: Dict[fx.Node, CellId] = {}
-    previous = None
+def _anchor_runs(gm: fx.GraphModule, anchors: Dict[fx.Node, int]) -> List[tuple]:
+    """Maximal runs of anchors of one layer, in graph order: [(layer, nodes)]."""
+    runs: List[tuple] = []
     for node in gm.graph.nodes:
         layer = anchors.get(node)
         if layer is None:
             continue
-        if layer != previous:
-            seen_runs[layer] += 1
-            previous = layer
-        cell_of[node] = (seen_runs[layer] - 1, layer)
+        if not runs or runs[-1][0] != layer:
+            runs.append((layer, []))
+        runs[-1][1].append(node)
+    return runs
+
+
+def _runs(gm: fx.GraphModule, anchors: Dict[fx.Node, int], stack: LayerStack) -> Dict[fx.Node, CellId]:
+    """Cell of every anchor. Segment-major graphs (every layer once per
+    segment): the k-th run of a layer's anchors is segment k. Layer-major
+    graphs (every layer exactly one run, looping over the segments itself):
+    the run is split by ``_split_layer_major``."""
+    num_layers = stack.num_layers
+    runs = _anchor_runs(gm, anchors)
+    seen_runs = [0] * num_layers
+    for layer, _ in runs:
+        seen_runs[layer] += 1
+    if seen_runs == [1] * num_layers:
+        split = _split_layer_major(runs, stack)
+        if split is not None:
+            counters["partition"]["layer_major_graphs"] += 1
+            return split
     if len(set(seen_runs)) != 1 or seen_runs[0] == 0:
         raise NotBatchable(
             "layers are not each called once per segment: calls per layer "
             f"{seen_runs} (a layer called twice per segment, a layer skipped, or "
             "interleaved layer code)"
         )
+    cell_of: Dict[fx.Node, CellId] = {}
+    seen_runs = [0] * num_layers
+    for layer, nodes in runs:
+        seen_runs[layer] += 1
+        for node in nodes:
+            cell_of[node] = (seen_runs[layer] - 1, layer)
     return cell_of
+
+
+def _block_call(node: fx.Node, layer_paths: List[str]):
+    """(module path, call key) of the module that runs ``node`` as the layer's
+    loop body: the layer module itself (``layers.0``, key ``'1407...@3'``: its
+    4th call in the frame) or the outermost module below it
+    (``layers.0.layer``); None for code outside any such module."""
+    stack = node.meta.get("nn_module_stack") or {}
+    entries = []
+    for key, value in stack.items():
+        path = value[0] if isinstance(value, tuple) else value
+        if isinstance(path, str):
+            entries.append((dotted_path(path), key))
+    for i, (path, key) in enumerate(entries):
+        if path in layer_paths:
+            below = [e for e in entries[i + 1 :] if e[0].startswith(path + ".")]
+            return [(path, key)] + below[:1]
+    return None
+
+
+def _loop_calls(nodes: List[fx.Node], stack: LayerStack, layer: int):
+    """The calls of the layer's per-segment block in one run: ``call_of``,
+    node -> call index; None if no candidate module is called twice.
+
+    Candidates are the layer module and its direct children. The block is the
+    layer module itself when the run calls it several times (a segment loop
+    around ``layers[l](x_s)``), else the child called at least twice that
+    reads the most layer parameters, and at least a third of them (the wrapped
+    decoder layer of a wrapper that loops inside its forward, not a norm or a
+    memory projection called once per segment; ties: more calls, then first
+    called)."""
+    layer_paths = [f"{p}.{layer}" for p in stack.prefixes]
+    keys: Dict[str, Dict[str, None]] = collections.defaultdict(dict)
+    params: Dict[str, Set[fx.Node]] = collections.defaultdict(set)
+    calls_of: Dict[fx.Node, list] = {}
+    for node in nodes:
+        found = _block_call(node, layer_paths)
+        if not found:
+            continue
+        calls_of[node] = found
+        for path, key in found:
+            keys[path].setdefault(key, None)
+            params[path].update(a for a in node.all_input_nodes if a in stack.param_layer)
+    repeated = [c for c in keys if len(keys[c]) >= 2]
+    own = [c for c in repeated if c in layer_paths]
+    layer_params = sum(1 for p, i in stack.param_layer.items() if i == layer)
+    children = [c for c in repeated if c not in layer_paths and 3 * len(params[c]) >= layer_params]
+    if own:
+        block = own[0]
+    elif children:
+        block = max(children, key=lambda c: (len(params[c]), len(keys[c]), -children.index(c)))
+    else:
+        return None
+    index = {k: i for i, k in enumerate(keys[block])}
+    return {n: index[key] for n, found in calls_of.items() for path, key in found if path == block}
+
+
+def _split_layer_major(runs: List[tuple], stack: LayerStack) -> Optional[Dict[fx.Node, CellId]]:
+    """Segments of layer-major graphs: every layer is one run of anchors that
+    loops over the segments itself (``for seg in segments: y = self.layer(seg)``)
+    and the next layer slices the concatenated outputs again (``see_through``
+    has replaced those slices by the pieces).
+
+    The k-th call of the layer's block (``_loop_calls``) is segment k. Every
+    other node of the run takes the *latest* segment among its inputs that
+    have one (calls of the block, earlier nodes of the run, cells of earlier
+    layers), so a memory write after call k is segment k and a read before
+    call k+1 that uses segment k+1's input is segment k+1; segments never
+    decrease along an edge. A node computed from placeholders alone (a
+    memory gate's ``sigmoid(g)``, recomputed per segment) is loop-invariant
+    and left to the dataflow step (glue). A node reading three or more segments (the
+    ``torch.cat`` of the layer's outputs) gathers the loop's results, not one
+    iteration's work: the dataflow step makes it glue. A node none of whose inputs has a segment but that
+    reads a layer weight and an activation (the memory read's projection of a layer-0 segment,
+    which is glue) belongs to the next block call in execution order. Any
+    other node without a segmented input (memory init, the slice of a glue
+    input or of the attention mask, positions) is left to the dataflow step,
+    which makes it glue: inside a cell its per-segment constants (slice
+    bounds) would make every cell differ.
+    Before/after::
+
+        mem  = new_zeros(x_0, ...)     # glue: no segmented input
+        y_0  = layer(x_0)              # (0, l): call 0 of the block
+        mem1 = write(y_0, mem)         # (0, l): latest input segment 0
+        m_1  = getitem(mask, 10:20)    # glue: reads glue only
+        q_1  = linear(x_1, W_mq)       # (1, l): x_1 is cell (1, l-1)'s output
+        r_1  = read(q_1, mem1)         # (1, l)
+        y_1  = layer(x_1 + r_1, m_1)   # (1, l): call 1
+
+    None (not layer-major) unless every layer has a block called the same
+    number of times N >= 2; NotBatchable if a call of the block reads a later
+    segment (the split would not be a partition by segments)."""
+    loops = [_loop_calls(nodes, stack, layer) for layer, nodes in runs]
+    if any(lp is None for lp in loops) or len({max(lp.values()) for lp in loops}) != 1:
+        return None
+    cell_of: Dict[fx.Node, CellId] = {}
+    for (layer, nodes), call_of in zip(runs, loops):
+        next_call = _next_call_index(nodes, call_of)
+        weights_only: Set[fx.Node] = set()  # computed from placeholders alone (sigmoid(gate))
+        for node in nodes:
+            seen = [cell_of[a][0] for a in node.all_input_nodes if a in cell_of]
+            latest = max(seen) if seen else None
+            if node in call_of:
+                k = call_of[node]
+                if latest is not None and latest > k:
+                    raise NotBatchable(
+                        f"layer-major loop of layer {layer}: call {k} of its block reads segment {latest} "
+                        f"(node {node.name}); the layer's segments cannot be separated"
+                    )
+                cell_of[node] = (k, layer)
+            elif latest is not None and len(set(seen)) <= 2:
+                cell_of[node] = (latest, layer)
+            elif latest is not None:
+                continue
+            elif all(a.op == "placeholder" or a in weights_only for a in node.all_input_nodes):
+                weights_only.add(node)
+            elif any(a in stack.param_layer for a in node.all_input_nodes):
+                cell_of[node] = (next_call[node], layer)
+    return cell_of
+
+
+def _next_call_index(nodes: List[fx.Node], call_of: Dict[fx.Node, int]) -> Dict[fx.Node, int]:
+    """For every node of a run: the index of the block call it is in, else of
+    the first call after it (the last call's index after the last call)."""
+    out: Dict[fx.Node, int] = {}
+    pending: List[fx.Node] = []
+    for node in nodes:
+        pending.append(node)
+        if node in call_of:
+            for p in pending:
+                out[p] = call_of[node]
+            pending = []
+    last = max(call_of.values())
+    out.update((p, last) for p in pending)
+    return out
 
 
 def _nearest_anchor_cells(order: List[fx.Node], cell_of: Dict[fx.Node, CellId], edges) -> Dict[fx.Node, Set[CellId]]:
@@ -230,7 +387,7 @@ def partition(gm: fx.GraphModule) -> CellGrid:
     _refuse_mutation_and_randomness(gm)
     stack = find_layer_stack(gm)
     anchors = _anchor_layers(gm, stack)
-    cell_of = _runs(gm, anchors, stack.num_layers)
+    cell_of = _runs(gm, anchors, stack)
     num_segments = max(s for s, _ in cell_of.values()) + 1
 
     nodes = [n for n in gm.graph.nodes]

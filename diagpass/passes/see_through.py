@@ -28,6 +28,10 @@ Rewritten (each exact: the same values, the same gradients to the pieces):
 * ``stack(xs, d)`` indexed at d by ``getitem`` (an int at position d, whole
   slices before), ``select`` or ``unbind`` + ``getitem``: ``xs[i]``.
 
+* ``cat.new_zeros(size)`` (``new_ones``/``new_empty``/``new_full``): only the
+  dtype and device are read; the first piece, of the same dtype and device,
+  replaces the cat as ``self``.
+
 Left alone: ranges that cover part of a piece or several pieces, symbolic sizes,
 a read whose value is a graph output (the output would become the piece itself,
 possibly a graph input: different aliasing than eager's fresh view), and any
@@ -39,7 +43,7 @@ contiguous, so every ``view`` the read allowed the piece allows too.
 Contract: ``simplify_concat_slices(gm) -> int`` edits ``gm.graph`` in place
 (run it on the copy the backend made, before partition), returns the number of
 reads rewritten, erases the rewritten reads and any cat/stack/split left
-without users, and bumps ``counters["see_through"]["slices"|"selects"]``.
+without users, and bumps ``counters["see_through"]["slices"|"selects"|"metadata_reads"]``.
 """
 
 from __future__ import annotations
@@ -239,6 +243,26 @@ def _safe(read: fx.Node, container: fx.Node, piece: fx.Node) -> bool:
     return not any(_may_write(u) for n in watched for u in n.users)
 
 
+_METADATA_ONLY = {"new_zeros", "new_ones", "new_empty", "new_full"}
+
+
+def _metadata_read(node: fx.Node) -> Optional[Tuple[fx.Node, fx.Node]]:
+    """(cat/stack, first piece) if ``node`` reads only the dtype and device of a
+    cat or stack: ``cat.new_zeros(size)`` (a layer-major layer allocating its
+    memory from its input). Any piece of the same dtype and device gives the
+    same result, without depending on every piece."""
+    if node.op != "call_method" or node.target not in _METADATA_ONLY or not node.args:
+        return None
+    container = node.args[0]
+    if not (_is(container, "cat") or _is(container, "stack")) or _parts(container) is None:
+        return None
+    piece, out = _parts(container)[0][0], _tensor(container)
+    pv = _tensor(piece)
+    if pv is None or pv.dtype != out.dtype or pv.device != out.device:
+        return None
+    return container, piece
+
+
 def _erase_if_dead(node: fx.Node, graph: fx.Graph) -> None:
     if node.op in ("call_function", "call_method") and not node.users:
         inputs = node.all_input_nodes
@@ -256,6 +280,13 @@ def simplify_concat_slices(gm: fx.GraphModule) -> int:
     rewritten = 0
     for read in list(graph.nodes):
         if read.op not in ("call_function", "call_method") or getattr(read, "_erased", False):
+            continue
+        meta = _metadata_read(read)
+        if meta is not None:
+            read.replace_input_with(*meta)
+            _erase_if_dead(meta[0], graph)
+            counters["see_through"]["metadata_reads"] += 1
+            rewritten += 1
             continue
         kind, found = "slices", _concat_read(read)
         if found is None:
@@ -278,6 +309,8 @@ def has_concat_reads(gm: fx.GraphModule) -> bool:
     for read in gm.graph.nodes:
         if read.op not in ("call_function", "call_method"):
             continue
+        if _metadata_read(read) is not None:
+            return True
         found = _concat_read(read) or _stack_read(read)
         if found is not None and _safe(read, *found):
             return True
