@@ -26,13 +26,18 @@ from diagpass.counters import counters
 from diagpass.errors import NotBatchable
 from diagpass.passes.batch import batch_wavefronts
 from diagpass.passes.cost import CPU_COPY_BYTES_PER_FLOP, estimate_cost
-from diagpass.passes.autocast import drop_noop_autocast_regions, has_noop_autocast_regions
+from diagpass.passes.autocast import (
+    drop_noop_autocast_regions,
+    has_autocast_regions,
+    lift_autocast_regions,
+    restore_autocast_regions,
+)
 from diagpass.passes.dependence import build_cell_graph
 from diagpass.passes.functionalize import functionalize
 from diagpass.passes.grad_mode import detach_no_grad_regions, has_grad_mode_switches
 from diagpass.passes.inline_subgraphs import has_subgraph_calls, inline_subgraphs
 from diagpass.passes.partition import partition
-from diagpass.passes.schedule import schedule
+from diagpass.passes.schedule import cells_partly_in_autocast, schedule
 from diagpass.passes.see_through import has_concat_reads, simplify_concat_slices
 from diagpass.passes.stacked_weights import lift_weight_stacks
 from diagpass.weights import OnFirstUse, SequentialUnlessStacked, WeightStackDispatch, stacked_views_at
@@ -141,13 +146,15 @@ def _analyze(gm: fx.GraphModule, options: Options, example_inputs):
     try:
         if (
             has_subgraph_calls(gm) or has_grad_mode_switches(gm)
-            or has_noop_autocast_regions(gm) or has_concat_reads(gm)
+            or has_autocast_regions(gm) or has_concat_reads(gm)
         ):
             gm = _copy(gm)  # the passes that edit in place; the fallback keeps the original
         inline_subgraphs(gm)
         gm, report.writes_functionalized = functionalize(gm)  # a new graph if it rewrites
         simplify_concat_slices(gm)  # after functionalize: every write is private
         drop_noop_autocast_regions(gm)
+        if lift_autocast_regions(gm) and options.roll:  # kernels are compiled outside the regions
+            raise NotBatchable("autocast regions inside forward are not supported with roll=True")
         detach_no_grad_regions(gm)  # also refuses autocast / other global-state calls
         grid = partition(gm)
         report.num_segments, report.num_layers = grid.num_segments, grid.num_layers
@@ -163,6 +170,12 @@ def _analyze(gm: fx.GraphModule, options: Options, example_inputs):
         reason = sched.reason
         if reason is None and not sched.batched_groups(options.min_group):
             reason = f"no wavefront has {options.min_group} or more structurally identical cells"
+            partly = cells_partly_in_autocast(grid)
+            if partly:
+                reason += (
+                    f" ({len(partly)} cells, e.g. {partly[0]}, run partly inside a torch.autocast region "
+                    "(or an autocast(enabled=False) region under ambient autocast): such cells are not batched)"
+                )
         if reason is not None and not options.roll:
             raise NotBatchable(reason)
         if example_inputs is not None and _copying_does_not_pay(gm, grid, cost, example_inputs, options):
@@ -182,6 +195,7 @@ def _analyze(gm: fx.GraphModule, options: Options, example_inputs):
             if result.unbatchable:  # every group's batched call failed its trial trace
                 raise NotBatchable(f"the batched graph does not trace ({result.unbatchable[0][1]})")
             raise NotBatchable("no group could be batched (inputs that cannot be stacked)")
+        restore_autocast_regions(result.gm)  # enter/exit around every run of nodes of one region
         _check_with_fake_tensors(result.gm)
         for where, cause in result.unbatchable:  # the other groups batched: one line per cause
             log.info("diagpass: %s runs cell by cell: its batched call does not trace (%s)", where, cause)

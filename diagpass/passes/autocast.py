@@ -1,4 +1,4 @@
-"""Pass 0c — autocast: drop ``torch.autocast`` regions that change nothing.
+"""Pass 0c — autocast: regions become node metadata, and back after batching.
 
 Dynamo records ``with torch.autocast(...)`` inside ``forward`` as a pair of
 global-state calls with no data edges (like ``no_grad``, see ``grad_mode``).
@@ -18,8 +18,19 @@ After::
 
     freqs = matmul(inv_freq, pos).transpose(1, 2)
 
-Regions that do change the dtype (``enabled=True``) are left in place;
-``grad_mode`` then refuses the graph with the reason.
+Regions that do change the dtype (``enabled=True``, e.g. a bf16 block inside
+``forward``) travel with the nodes they cover: ``lift_autocast_regions``
+records each node's enclosing regions in ``meta["diagpass_autocast"]`` and
+erases the enter/exit pair, the passes move nodes freely (a batched group's
+call carries its cells' regions; a cell only partly inside a region never
+batches, see ``schedule.cell_signature``), and ``restore_autocast_regions``
+puts enter/exit pairs back around every run of nodes with equal regions in
+the rewritten graph. Every op then runs under the autocast state it ran under
+in eager::
+
+    ctx = _enter_autocast('cpu', torch.bfloat16, True, None)
+    h = linear(x, w)                      # meta["diagpass_autocast"] = (('cpu', bf16, True, None),)
+    _exit_autocast(ctx)
 """
 
 from __future__ import annotations
@@ -64,8 +75,9 @@ def _ambient(enter: fx.Node) -> bool:
         return True
 
 
-def has_noop_autocast_regions(gm: fx.GraphModule) -> bool:
-    return any(noop for _, _, noop in _regions(gm))
+def has_autocast_regions(gm: fx.GraphModule) -> bool:
+    """Whether drop/lift would edit the graph (the backend copies it only then)."""
+    return bool(_regions(gm))
 
 
 def drop_noop_autocast_regions(gm: fx.GraphModule) -> int:
@@ -81,3 +93,63 @@ def drop_noop_autocast_regions(gm: fx.GraphModule) -> int:
         gm.recompile()
         counters["autocast"]["noop_regions_dropped"] += dropped
     return dropped
+
+
+AUTOCAST = "diagpass_autocast"  # node.meta key: the enclosing regions' arguments, outermost first
+
+
+def _region_args(enter: fx.Node) -> tuple:
+    names = ("device_type", "dtype", "enabled", "cache_enabled")
+    args = list(enter.args) + [enter.kwargs.get(k) for k in names[len(enter.args):]]
+    return tuple(args[:4])
+
+
+def lift_autocast_regions(gm: fx.GraphModule) -> int:
+    """Record every enabled region on the nodes inside it and erase its
+    enter/exit (in place, on the backend's copy); return how many."""
+    lifted = 0
+    for enter, exit_, noop in _regions(gm):
+        if noop or len(enter.users) != 1:
+            continue
+        inside, node = [], enter.next
+        while node is not exit_:
+            inside.append(node)
+            node = node.next
+        region = _region_args(enter)
+        for node in inside:
+            node.meta[AUTOCAST] = (region,) + tuple(node.meta.get(AUTOCAST, ()))
+        gm.graph.erase_node(exit_)
+        gm.graph.erase_node(enter)
+        lifted += 1
+    if lifted:
+        gm.recompile()
+        counters["autocast"]["regions_lifted"] += lifted
+    return lifted
+
+
+def restore_autocast_regions(gm: fx.GraphModule) -> int:
+    """Wrap each maximal run of nodes with equal ``meta[AUTOCAST]`` in enter/exit
+    pairs (outermost region first); return how many runs."""
+    runs, current, stack = [], [], None
+    for node in gm.graph.nodes:
+        regions = node.meta.get(AUTOCAST) if node.op not in ("placeholder", "output") else None
+        if regions != stack and current:
+            runs.append((stack, current))
+            current = []
+        stack = regions
+        if regions:
+            current.append(node)
+    if current:
+        runs.append((stack, current))
+    for regions, nodes in runs:
+        contexts = []
+        with gm.graph.inserting_before(nodes[0]):
+            for region in regions:
+                contexts.append(gm.graph.call_function(_enter_autocast, region))
+        with gm.graph.inserting_after(nodes[-1]):
+            for ctx in contexts:  # inserting_after each time: the last inserted runs first
+                gm.graph.call_function(_exit_autocast, (ctx,))
+    if runs:
+        gm.recompile()
+        counters["autocast"]["regions_restored"] += len(runs)
+    return len(runs)

@@ -43,6 +43,7 @@ from diagpass import logs
 from diagpass.counters import counters
 from diagpass.ir.cells import Cell, CellGrid
 from diagpass.ir.schedule import Group, Schedule
+from diagpass.passes.autocast import AUTOCAST
 from diagpass.passes.graph_utils import example_value
 from diagpass.passes.roll import CompiledGroup, group_structure
 from diagpass.passes.schedule import cell_constants
@@ -187,10 +188,15 @@ class _Emitter:
             counters["batch"]["modules"] += 1
         call = self.graph.call_module(target, tuple(args))
         _carry_checkpoint_tags(call, cells)
+        regions = rep.nodes[0].meta.get(AUTOCAST)  # one per cell: schedule.cell_signature
+        if regions:
+            call.meta[AUTOCAST] = regions
         for j in range(len(rep.outputs)):
             stacked = self.graph.call_function(operator.getitem, (call, j))
             for i, cell in enumerate(cells):
                 out = self.env[cell.outputs[j]] = self.graph.call_function(operator.getitem, (stacked, i))
+                if regions:
+                    stacked.meta[AUTOCAST] = out.meta[AUTOCAST] = regions
                 out.meta["diagpass_replaces"] = example_value(cell.outputs[j])  # see diagpass/fake_check.py
         return True
 

@@ -34,6 +34,7 @@ from diagpass.counters import counters
 from diagpass.ir.cell_graph import CellGraph
 from diagpass.ir.cells import Cell, CellGrid
 from diagpass.ir.schedule import Group, Schedule, Wavefront
+from diagpass.passes.autocast import AUTOCAST
 from diagpass.passes.graph_utils import example_value, is_unproven_write, is_random
 
 S, L = sympy.symbols("S L", positive=True, integer=True)
@@ -91,6 +92,12 @@ def cell_constants(cell: Cell) -> List[Tuple[int, int, object, torch.dtype]]:
     return [(i, pos, v, dt) for i, n in enumerate(cell.nodes) for pos, v, dt in constant_sites(n)]
 
 
+def cells_partly_in_autocast(grid: CellGrid) -> List[tuple]:
+    """Cells with nodes inside and outside an autocast region: never batched
+    (a batched call runs in one autocast state)."""
+    return sorted(cid for cid, c in grid.cells.items() if len({n.meta.get(AUTOCAST) for n in c.nodes}) > 1)
+
+
 def cell_signature(cell: Cell, grid: CellGrid, constants_as_slots: bool = False) -> Optional[tuple]:
     """A hashable description that is equal iff two cells compute the same
     function of their inputs; None if the cell must never be batched. With
@@ -114,6 +121,8 @@ def cell_signature(cell: Cell, grid: CellGrid, constants_as_slots: bool = False)
             return (type(a).__name__, repr(a))
         return (type(a).__name__, id(a))  # unknown objects: equal only if identical
 
+    if len({n.meta.get(AUTOCAST) for n in cell.nodes}) > 1:
+        return None  # partly inside an autocast region: a batched call runs in one state
     body = []
     for i, n in enumerate(cell.nodes):
         if is_random(n) or is_unproven_write(n) or n.op == "call_module":
@@ -121,7 +130,7 @@ def cell_signature(cell: Cell, grid: CellGrid, constants_as_slots: bool = False)
         args = tuple(slotted.get((i, pos)) or enc(a) for pos, a in enumerate(n.args))
         # recompute: a checkpointed cell and a plain one compute the same values but
         # are not one group (the group's call becomes one checkpoint region)
-        body.append((n.op, n.target, args, enc(n.kwargs), _value_key(example_value(n)), n.meta.get("recompute")))
+        body.append((n.op, n.target, args, enc(n.kwargs), _value_key(example_value(n)), n.meta.get("recompute"), n.meta.get(AUTOCAST)))
     inputs = tuple(
         (grid.stack.param_role.get(a), _value_key(example_value(a))) for a in cell.inputs
     )
