@@ -13,10 +13,16 @@ side (interleaved rounds, medians); --time-in-process times them where they were
   eager        the ARMT module, no compile
   inductor     torch.compile(m, backend="diagonal", options={"inner": "inductor", "enabled": False})
                = Inductor sequential baseline (same graph, not rewritten)
+  inductor_bl  the same + Optimus batch_linear fusions, pre- and post-grad, min_fuse_set_size=2
+               (runner.BATCH_LINEAR_CONFIG: why); the table names those that fired
+               (counters["inductor"])
   diagonal     torch.compile(m, backend="diagonal", options={"inner": "inductor"})
   rolled       diagonal with roll=True: each distinct batched step compiled once, host loop
   seq_rolled   roll with min_group=10**6: the same host loop, one cell per call (batching off)
   diag_aot     diagonal with inner "aot_eager" (diagnostic: rewrite without Inductor)
+  bound        even-load bound (benchmarks.bound): the S segments stacked into the batch dim, one
+               pass through the layer stack (steady-state cells), Inductor; the table's "bound
+               share" = (t_seq - t_mode) / (t_seq - t_bound)
   base_eager / base_inductor   the HF base model WITHOUT memory, full attention over the same
                S*T tokens (no memory tokens), eager / default torch.compile
 

@@ -72,13 +72,13 @@ def _tensor_peak_bytes(fn, x) -> int:
 
 def main():
     from .configs import Point
-    from .runner import build, inputs, make_fn
+    from .runner import build_for_mode, inputs, make_fn
 
     point = Point.from_dict(json.loads(sys.argv[1]))
     mode, device = sys.argv[2], sys.argv[3]
     torch.set_num_threads(torch.get_num_threads())
     with torch.no_grad():
-        model = build(point, mode.startswith("base"), device, stacked=mode == "diag_stacked")
+        model = build_for_mode(point, mode, device)
         x = inputs(point, device)
         fn = make_fn(mode, model)
         out = {}

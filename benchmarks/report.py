@@ -8,11 +8,13 @@ from typing import List
 MODE_NAMES = {
     "eager": "eager sequential",
     "inductor": "Inductor sequential",
+    "inductor_bl": "Inductor sequential + Optimus batch_linear (pre+post grad)",
     "diagonal": "diagonal (Inductor)",
     "diag_stacked": "diagonal (Inductor), weights stored stacked",
     "diag_aot": "diagonal (aot_eager)",
     "rolled": "diagonal rolled (Inductor kernels, compiled once)",
     "seq_rolled": "sequential rolled (one cell per kernel call)",
+    "bound": "even-load bound (1 segment at batch B*S, Inductor)",
     "base_eager": "full-attn base, eager",
     "base_inductor": "full-attn base, Inductor",
 }
@@ -29,6 +31,33 @@ def _vs(value, ref) -> str:
     return f"{value:.1f}" + (f" ({value / ref:.2f}x)" if ref else "")
 
 
+NOT_SCHEDULES = ("eager", "inductor", "bound", "base_eager", "base_inductor")
+
+
+def bound_share(t_seq, t_mode, t_bound):
+    """Share of the even-load bound's gain a mode takes: (t_seq - t_mode) / (t_seq - t_bound).
+    1 = as fast as the bound, 0 = no faster than sequential, < 0 = slower. None when a time is
+    missing or the bound is not faster than sequential (no gain to share)."""
+    if None in (t_seq, t_mode, t_bound) or t_seq <= t_bound:
+        return None
+    return (t_seq - t_mode) / (t_seq - t_bound)
+
+
+def _share_text(name: str, modes: dict) -> str:
+    if name in NOT_SCHEDULES:
+        return ""
+    sh = bound_share(modes.get("inductor", {}).get("median_ms"), modes[name].get("median_ms"),
+                     modes.get("bound", {}).get("median_ms"))
+    return "" if sh is None else f"{100 * sh:.0f}%"
+
+
+def _fusion_text(m: dict) -> str:
+    f = m.get("fusions")
+    if f is None:
+        return ""
+    return "Optimus: " + (", ".join(f"{k} x{v}" for k, v in sorted(f.items())) or "none fired")
+
+
 def markdown(results: List[dict], meta: dict) -> str:
     lines = [f"# diagpass benchmarks", "",
              f"- torch {meta.get('torch')}, device {meta.get('device')}, threads {meta.get('threads')}, "
@@ -40,22 +69,25 @@ def markdown(results: List[dict], meta: dict) -> str:
              "(each storage once) + the peak of tensors the call allocates (profiler memory timeline); "
              "peak RSS = Linux VmHWM of the call, reset via /proc/self/clear_refs after returning freed "
              "heap to the OS (gc + malloc_trim): the whole process, compiled code and compile "
-             "leftovers included; compile peak = VmHWM of the first call above the RSS before it.", ""]
+             "leftovers included; compile peak = VmHWM of the first call above the RSS before it. "
+             "bound share = (t_seq - t_mode) / (t_seq - t_bound): the share of the even-load bound's gain "
+             "(one segment at batch B*S, same tokens; no recurrent schedule beats it) the mode takes.", ""]
     for note in meta.get("notes", []):
         lines.append(f"- NOTE: {note}")
     lines.append("")
-    lines.append("| point | mode | median ms | min ms | first call s | compile s | peak tensors MiB (vs seq) | peak RSS MiB (vs seq) | compile peak MiB | diag: batched / wavefronts | speedup vs Inductor seq |")
-    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    lines.append("| point | mode | median ms | min ms | first call s | compile s | peak tensors MiB (vs seq) | peak RSS MiB (vs seq) | compile peak MiB | diag: batched / wavefronts | speedup vs Inductor seq | bound share |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     for r in results:
         modes = r["modes"]
         ref_seq = modes.get("inductor", {})
         ref = ref_seq.get("median_ms")
         for name, m in modes.items():
             if "error" in m:
-                lines.append(f"| {r['label']} | {MODE_NAMES.get(name, name)} | error: {m['error'][:80]} ||||||||")
+                lines.append(f"| {r['label']} | {MODE_NAMES.get(name, name)} | error: {m['error'][:80]} |||||||||")
                 continue
             d = m.get("diag") or {}
-            dtxt = f"{d.get('batched')} / {d.get('num_wavefronts')}" if d and name != "inductor" else ""
+            dtxt = f"{d.get('batched')} / {d.get('num_wavefronts')}" if d and name not in ("inductor", "inductor_bl") else ""
+            dtxt = dtxt or _fusion_text(m)
             sp = f"{ref / m['median_ms']:.2f}x" if ref and m.get("median_ms") else "—"
             rs = modes.get("inductor", {}).get("samples_ms")
             if rs and m.get("samples_ms") and name != "inductor":  # same-round pairs
@@ -65,7 +97,7 @@ def markdown(results: List[dict], meta: dict) -> str:
             lines.append(
                 f"| {r['label']} | {MODE_NAMES.get(name, name)} | {_f(m.get('median_ms'))} | {_f(m.get('min_ms'))} | "
                 f"{_f(m.get('first_call_s'), '{:.1f}')} | {_f(m.get('compile_s'), '{:.1f}')} | "
-                f"{tensors} | {rss} | {_f(m.get('compile_peak_mb'))} | {dtxt} | {sp} |")
+                f"{tensors} | {rss} | {_f(m.get('compile_peak_mb'))} | {dtxt} | {sp} | {_share_text(name, modes)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -14,10 +14,21 @@ import torch
 from .configs import Point
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-ALL_MODES = ["eager", "inductor", "diagonal", "diag_stacked", "rolled", "seq_rolled", "diag_aot", "base_eager",
-             "base_inductor"]
+ALL_MODES = ["eager", "inductor", "inductor_bl", "diagonal", "diag_stacked", "rolled", "seq_rolled", "diag_aot",
+             "bound", "base_eager", "base_inductor"]
 QUICK_MODES = ["eager", "inductor", "diagonal", "diag_stacked", "base_eager"]
-DEFAULT_MODES = ["eager", "inductor", "diagonal", "diag_stacked", "base_eager", "base_inductor"]
+DEFAULT_MODES = ["eager", "inductor", "inductor_bl", "diagonal", "diag_stacked", "bound", "base_eager",
+                 "base_inductor"]
+# Optimus (Inductor's group/batch fusion) for the second sequential baseline: stack independent
+# same-shape linears (e.g. gate/up, k/v of one layer) into one bmm -- the stock-PyTorch way of
+# batching that diagonal must beat. Off by default in torch 2.13 (both options are {}). Measured
+# on torch 2.13 (a probe with two independent linears on a (1, 8, 16) input, and the tiny config):
+# the pre-grad `batch_linear` matches only 2-D inputs, so it never fires on (B, Q, d) hidden
+# states; the post-grad `batch_linear_post_grad` (on aten.mm after the linear is flattened) does,
+# but only with min_fuse_set_size lowered from its default 5 (one cell has at most 2-3
+# independent same-shape linears). Both are enabled; the table shows which fired.
+BATCH_LINEAR_CONFIG = {"pre_grad_fusion_options": {"batch_linear": {"min_fuse_set_size": 2}},
+                       "post_grad_fusion_options": {"batch_linear_post_grad": {"min_fuse_set_size": 2}}}
 
 
 def build(point: Point, base: bool, device: str = "cpu", stacked: bool = False):
@@ -45,11 +56,51 @@ def build(point: Point, base: bool, device: str = "cpu", stacked: bool = False):
     return m
 
 
+def model_key(mode: str) -> str:
+    """Which model a mode runs: modes with the same key share one built model."""
+    if mode.startswith("base"):
+        return "base"
+    return {"diag_stacked": "stacked", "bound": "bound"}.get(mode, "armt")
+
+
+def build_for_mode(point: Point, mode: str, device: str = "cpu"):
+    """``build`` for a mode's key; ``bound`` wraps the plain ARMT (benchmarks.bound)."""
+    key = model_key(mode)
+    m = build(point, key == "base", device, stacked=key == "stacked")
+    if key == "bound":
+        from .bound import build_bound
+
+        m = build_bound(m, inputs(point, device))
+    return m
+
+
+def _with_config(f: Callable, patches: dict) -> Callable:
+    """``f`` called under an Inductor config patch: compiles (first call, recompiles after a
+    Dynamo reset, the timing worker's warm-cache compile) all see the option; the patch costs
+    microseconds per call."""
+    import torch._inductor.config as inductor_config
+
+    def call(*args):
+        with inductor_config.patch(patches):
+            return f(*args)
+    return call
+
+
+def fusion_counts() -> Dict[str, int]:
+    """Inductor's group/batch-fusion counters (``counters["inductor"]``, keys ``batch_*`` /
+    ``group_*``): how often Optimus fired in this process."""
+    from torch._dynamo.utils import counters
+    return {k: v for k, v in counters["inductor"].items() if k.startswith(("batch_", "group_"))}
+
+
 def make_fn(mode: str, model) -> Callable:
     if mode in ("eager", "base_eager"):
         f = model
-    elif mode == "inductor":
+    elif mode in ("inductor", "bound"):
         f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "enabled": False})
+    elif mode == "inductor_bl":  # the inductor baseline + Optimus batch_linear, nothing else changed
+        f = _with_config(torch.compile(model, backend="diagonal", options={"inner": "inductor", "enabled": False}),
+                         BATCH_LINEAR_CONFIG)
     elif mode in ("diagonal", "diag_stacked"):
         f = torch.compile(model, backend="diagonal", options={"inner": "inductor"})
     elif mode == "rolled":
@@ -113,12 +164,13 @@ def compile_modes(point: Point, modes: List[str], device: str = "cpu", log=print
     models = {}
     with torch.no_grad():
         for mode in modes:
-            key = (mode.startswith("base"), mode == "diag_stacked")
+            key = model_key(mode)
             if key not in models:
-                models[key] = build(point, *key[:1], device, stacked=key[1])
+                models[key] = build_for_mode(point, mode, device)
             if cold:
                 torch._dynamo.reset()
             fn = make_fn(mode, models[key])
+            fused0 = fusion_counts()
             try:
                 first = _timed(fn, x, device)
             except Exception as e:  # record and go on
@@ -126,12 +178,16 @@ def compile_modes(point: Point, modes: List[str], device: str = "cpu", log=print
                 res[mode] = {"error": f"{type(e).__name__}: {e}"}
                 continue
             entry = {"first_call_s": first}
-            if mode in ("diagonal", "diag_stacked", "rolled", "seq_rolled", "diag_aot", "inductor"):
+            if mode in ("diagonal", "diag_stacked", "rolled", "seq_rolled", "diag_aot", "inductor", "inductor_bl"):
                 entry["diag"] = _diag_report()
+            if mode in ("inductor", "inductor_bl"):  # did Optimus fire (it must in _bl, not in the other)?
+                fused = fusion_counts()
+                entry["fusions"] = {k: v - fused0.get(k, 0) for k, v in fused.items() if v != fused0.get(k, 0)}
             _timed(fn, x, device)  # one warm-up call
             fns[mode] = fn
             res[mode] = entry
-            log(f"  {mode:14s} first call {first:8.2f} s" + (f"  {entry.get('diag')}" if "diag" in entry else ""))
+            log(f"  {mode:14s} first call {first:8.2f} s" + (f"  {entry.get('diag')}" if "diag" in entry else "")
+                + (f"  fusions {entry['fusions']}" if "fusions" in entry else ""))
     return fns, res, x
 
 

@@ -1,0 +1,64 @@
+"""Benchmark modes of issue 16: the even-load bound and the bound-share column (eager only,
+tiny shapes, no compile: these check what the modes compute, not how fast)."""
+import torch
+
+from benchmarks import report
+from benchmarks.bound import build_bound
+from diagpass.models.armt import build_armt, randomize_memory_
+
+
+def _armt(T=8, M=2):
+    m = build_armt("llama", hidden_size=32, num_layers=2, num_heads=2, segment_size=T, num_mem_tokens=M, d_mem=4)
+    return randomize_memory_(m)
+
+
+def test_bound_runs_the_steady_state_cell():
+    """The bound's segment-1 row reads the memory segment 0 wrote, as ARMT's segment 1 does:
+    same logits. Its segment-0 row reads that memory too, so it differs from ARMT's
+    segment 0 (no read) -- the bound runs steady-state cells, not the read-less first cell.
+    (Every row reads batch row 0's memory, so only row 0 is compared.)"""
+    torch.manual_seed(0)
+    m = _armt()
+    x = torch.randint(0, 128, (2, 3 * 8))
+    bound = build_bound(m, x)
+    with torch.no_grad():
+        ref = m(x[:, :16])
+        got, states = bound(x[:, :16])
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got[0, 8:16], ref[0, 8:16], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[0, :8], ref[0, :8], atol=1e-4)
+    assert len(states) == 2 and states[0][0].shape[0] == 2 * 2  # B*S rows
+
+
+def test_bound_segments_are_independent_and_in_order():
+    """Row b*S+s is segment s of batch row b: each segment alone gives the same logits."""
+    m = _armt()
+    x = torch.randint(0, 128, (2, 3 * 8))
+    bound = build_bound(m, x)
+    with torch.no_grad():
+        whole, _ = bound(x)
+        for s in range(3):
+            part, _ = bound(x[:, 8 * s:8 * (s + 1)])
+            torch.testing.assert_close(whole[:, 8 * s:8 * (s + 1)], part, rtol=1e-5, atol=1e-5)
+
+
+def test_bound_share_formula():
+    assert report.bound_share(100.0, 80.0, 60.0) == 0.5
+    assert report.bound_share(100.0, 110.0, 60.0) == -0.25
+    assert report.bound_share(100.0, 80.0, 100.0) is None  # no gain to share
+    assert report.bound_share(None, 80.0, 60.0) is None
+
+
+def test_table_shows_bound_share_and_fusions():
+    res = [{"label": "p", "point": {}, "modes": {
+        "inductor": {"median_ms": 100.0, "fusions": {}},
+        "inductor_bl": {"median_ms": 95.0, "fusions": {"batch_linear": 3}},
+        "diagonal": {"median_ms": 80.0},
+        "bound": {"median_ms": 60.0}}}]
+    md = report.markdown(res, {})
+    rows = {line.split(" | ")[1]: line for line in md.splitlines() if line.startswith("| p |")}
+    assert rows[report.MODE_NAMES["diagonal"]].rstrip(" |").endswith("50%")
+    assert rows[report.MODE_NAMES["inductor_bl"]].rstrip(" |").endswith("12%")
+    assert "Optimus: batch_linear x3" in rows[report.MODE_NAMES["inductor_bl"]]
+    assert "Optimus: none fired" in rows[report.MODE_NAMES["inductor"]]
+    assert rows[report.MODE_NAMES["bound"]].endswith("|  |")
