@@ -109,7 +109,7 @@ def test_horizontal_shape_batched(num_segments):
     if transformers_version().major < 5:  # 4.46: *= and a slice assignment per segment
         assert report.writes_functionalized >= 2 * num_segments
     assert report.dependence_vectors == [(0, 1), (1, 0)]
-    middle = [[3]] * (num_segments - 3)
+    middle = [[3]] * (num_segments - 4)  # t = 3 .. S-2: three middle cells
     assert [[len(g) for g in w] for w in report.groups] == [[1], [1, 1], [2, 1], *middle, [1, 2], [1, 1], [1]]
 
 
