@@ -17,11 +17,12 @@ Nothing is rewritten; ``passes/functionalize.py`` acts on the result.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, FrozenSet, Optional
+from typing import Dict, FrozenSet, List, Optional
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch.amp.autocast_mode import _enter_autocast
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -43,6 +44,14 @@ def _storages(value) -> FrozenSet[Storage]:
     return frozenset(out)
 
 
+class MetadataWrite(Exception):
+    """An op that changes a tensor's shape or strides in place (``unsqueeze_``,
+    ``resize_``, ``set_``): not run on Dynamo's fake values, not rewritten."""
+
+
+_METADATA_WRITES = {"resize_", "resize_as_", "set_"}
+
+
 class _WriteRecorder(TorchDispatchMode):
     """Collects the storages of every argument an op's schema marks as written."""
 
@@ -52,6 +61,8 @@ class _WriteRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if torch.Tag.inplace_view in getattr(func, "tags", ()) or func.__name__.split(".")[0] in _METADATA_WRITES:
+            raise MetadataWrite(str(func))
         schema = getattr(func, "_schema", None)
         if schema is not None:
             for i, arg in enumerate(schema.arguments):
@@ -121,31 +132,102 @@ def may_write(gm: fx.GraphModule) -> bool:
             if node.op in ("call_function", "call_method", "call_module"):
                 return True
             continue
-        for leaf in pytree.tree_leaves(example_value(node)):
-            if isinstance(leaf, torch.Tensor):
-                try:
-                    if leaf._version:
-                        return True
-                except RuntimeError:  # inference tensors keep no counter
-                    return True
+        if _counter_bumped(example_value(node)):
+            return True
     return False
 
 
+def _counter_bumped(value) -> bool:
+    for leaf in pytree.tree_leaves(value):
+        if isinstance(leaf, torch.Tensor):
+            try:
+                if leaf._version:
+                    return True
+            except RuntimeError:  # inference tensors keep no counter
+                return True
+    return False
+
+
+def _suspects(gm: fx.GraphModule) -> Optional[List[fx.Node]]:
+    """Nodes that may have written: a write bumps the counter of the tensor it
+    received (shared with its views), so a writer reads a bumped tensor. None
+    (interpret the whole graph) when a node reads a value without a fake to
+    tell by, other than an autocast context (Dynamo records none for it), or
+    when a suspect reads such a context (it cannot be run alone)."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr", "output"):
+            continue
+        unknown = [a for a in node.all_input_nodes if "example_value" not in a.meta and "val" not in a.meta]
+        if any(a.target is not _enter_autocast for a in unknown):
+            return None
+        if any(_counter_bumped(example_value(a)) for a in node.all_input_nodes if a not in unknown):
+            if unknown:
+                return None
+            out.append(node)
+    return out
+
+
+def _run_alone(node: fx.Node):
+    args = fx.node.map_arg(node.args, example_value)
+    kwargs = fx.node.map_arg(node.kwargs, example_value)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
+
+
+def _effects_of_suspects(gm: fx.GraphModule, mode) -> Optional[Effects]:
+    """Each suspect run alone on Dynamo's own fake values (which keep the
+    aliasing Dynamo traced), under the recorder; None if a suspect cannot be
+    run that way (then the whole graph is interpreted)."""
+    suspects = _suspects(gm)
+    if suspects is None or any(
+        n.op not in ("call_function", "call_method") or isinstance(n.target, torch._ops.HigherOrderOperator)
+        for n in suspects
+    ):
+        return None
+    storages = {n: _storages(example_value(n)) for n in gm.graph.nodes if n.op != "output"}
+    writes, returns_input = {}, {}
+    for n in suspects:
+        received = set().union(*(storages.get(a, frozenset()) for a in n.all_input_nodes))
+        recorder = _WriteRecorder()
+        with mode, torch.no_grad(), recorder:
+            result = _run_alone(n)
+        hit = recorder.written & received
+        if hit:
+            writes[n] = frozenset(hit)
+            same = [a for a in n.all_input_nodes if example_value(a) is result]
+            if same:
+                returns_input[n] = same[0]
+    counters["effects"]["suspects_run"] += len(suspects)
+    return Effects(writes, storages, returns_input)
+
+
 def analyze_effects(gm: fx.GraphModule) -> Effects:
-    """Run ``gm`` once on its placeholders' fake tensors and record its effects
-    (nothing to run when ``may_write`` proves the graph writes nothing)."""
+    """The graph's effects: nothing when ``may_write`` proves it writes
+    nothing; else the suspects run alone; else (a suspect without fake
+    inputs, a higher-order op) the whole graph interpreted once on its
+    placeholders' fake tensors."""
     if not may_write(gm):
         counters["effects"]["graphs_proven_write_free"] += 1
         return Effects({}, {}, {})
-    counters["effects"]["graphs_analyzed"] += 1
     fakes = [example_value(n) for n in gm.graph.find_nodes(op="placeholder")]
     mode = _fake_mode(fakes)
     if mode is None:
         raise NotBatchable("placeholders carry no fake tensors: cannot tell which ops write which tensors")
-    interp = _EffectsInterpreter(gm)
     try:
-        with mode:
+        effects = _effects_of_suspects(gm, mode)
+        if effects is not None:
+            counters["effects"]["graphs_analyzed_by_suspects"] += 1
+            return effects
+        counters["effects"]["graphs_interpreted"] += 1
+        interp = _EffectsInterpreter(gm)
+        # writes and aliasing do not depend on grad mode; without it an out= op
+        # or a write to a leaf that requires grad would raise
+        with mode, torch.no_grad():
             interp.run(*fakes)
+    except MetadataWrite as e:
+        raise NotBatchable(f"in-place op {e} changes a tensor's shape or strides: not rewritten") from e
     except Exception as e:  # noqa: BLE001 - the effects are unknown: nothing can be proven
         raise NotBatchable(
             f"could not trace the graph on fake tensors to find in-place writes ({type(e).__name__}: {e})"

@@ -257,3 +257,38 @@ def test_version_counters_prove_a_graph_write_free_and_catch_inplace_keywords():
     for mode in ("relu_inplace", "out", "setitem"):
         gm, _ = dynamo_graph(WritingNet(mode).eval(), torch.randn(1, 2 * SEG, D))
         assert may_write(gm), mode
+
+
+@pytest.mark.parametrize("mode", ["relu_inplace", "setitem", "out", "method", "masked_fill_"])
+def test_suspects_run_alone_find_the_writes_the_whole_graph_run_finds(mode, monkeypatch):
+    """The fast path (only nodes reading a tensor whose version counter moved,
+    each on Dynamo's own fake values) agrees with interpreting the whole graph."""
+    import diagpass.passes.effects as effects_mod
+
+    def written_inputs(effects):
+        return {
+            n.name: sorted(a.name for a in n.all_input_nodes if effects.storages.get(a, frozenset()) & w)
+            for n, w in effects.writes.items()
+        }
+
+    torch.manual_seed(0)
+    gm, _ = dynamo_graph(WritingNet(mode).eval(), torch.randn(1, 3 * SEG, D))
+    before = diagpass.counters["effects"]["graphs_analyzed_by_suspects"]
+    fast = analyze_effects(gm)
+    assert diagpass.counters["effects"]["graphs_analyzed_by_suspects"] == before + 1
+    monkeypatch.setattr(effects_mod, "_effects_of_suspects", lambda gm, mode: None)
+    full = analyze_effects(gm)
+    assert written_inputs(fast) == written_inputs(full) and len(fast.writes) >= 3 * L
+    assert {n.name: a.name for n, a in fast.returns_input.items()} == {n.name: a.name for n, a in full.returns_input.items()}
+
+
+def test_in_place_shape_change_is_refused_not_run():
+    class Unsqueezing(nn.Module):
+        def forward(self, x):
+            y = x * 2
+            y.unsqueeze_(0)
+            return y
+
+    gm, _ = dynamo_graph(Unsqueezing(), torch.randn(3))
+    with pytest.raises(diagpass.NotBatchable, match="shape or strides"):
+        functionalize(gm)
