@@ -297,11 +297,12 @@ def _compile_rewritten(gm: fx.GraphModule, example_inputs, opts: Options) -> Cal
     copying = OnFirstUse(lambda args: compile_now(gm, list(args)))
     stacked = OnFirstUse(lambda args: compile_now(lifted.gm, list(args)), counter="stacked_graphs_compiled")
     dispatch = WeightStackDispatch(copying, stacked, lifted.param_indices)
-    views = dispatch.views(example_inputs)
-    if views is None:
+    if dispatch.views(example_inputs) is None:
         copying(example_inputs)
-    else:
-        stacked((*example_inputs, *views))
+    # else the stacked variant compiles on its first call, outside Dynamo's tracing
+    # context: its extra inputs (views of the stored stacks) are no graph inputs of
+    # Dynamo's, and compiled inside that context their sizes became symbols of
+    # Dynamo's ShapeEnv that its guards cannot name (GQA: IndexError in produce_guards)
     return dispatch
 
 

@@ -108,3 +108,23 @@ def test_dynamic_shapes_never_lift():
             torch.testing.assert_close(fast(ids), model(ids), rtol=1e-5, atol=1e-5)
     c = diagpass.counters["stacked_weights"]
     assert c["stacked_graphs_compiled"] == 0 and c["view_calls"] == 0
+
+
+def test_gqa_with_weights_stored_stacked_compiles_batches_and_matches():
+    """Regression: compiling the stacked-weights variant inside Dynamo's tracing
+    context gave the stacked views' sizes symbols of Dynamo's ShapeEnv; with
+    GQA's expand a guard on them made Dynamo's guard building fail
+    (IndexError in produce_guards_verbose). It now compiles on first call."""
+    import diagpass
+    from diagpass.models.armt import build_armt, randomize_memory_
+    from diagpass.testing import assert_equivalent
+
+    model = build_armt("llama", hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
+                       intermediate_size=64, vocab_size=64, segment_size=8, num_mem_tokens=2, d_mem=4)
+    randomize_memory_(model)
+    diagpass.stack_weights_(model.layers)
+    ids = torch.randint(0, 64, (1, 32), generator=torch.Generator().manual_seed(0))
+    before = diagpass.counters["stacked_weights"]["stacked_graphs_compiled"]
+    report = assert_equivalent(model, ids, options={"inner": "aot_eager", "cost_model": False}, expect_batched=True)
+    assert report.graphs[0].num_wavefronts == 4 + 3 - 1
+    assert diagpass.counters["stacked_weights"]["stacked_graphs_compiled"] == before + 1
