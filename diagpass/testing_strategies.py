@@ -122,6 +122,9 @@ def expected_batching(config: FamilyConfig, seq_len: int) -> Optional[bool]:
       the rules above hold (layer-major with memory read/written inline at
       top level, ``memory_params_outside``: ``None``, see
       ``_layer_major_outside``).
+    * ``per_layer_scale``: layers differ by a Python constant, lifted into a
+      stacked input where that is bit-exact (fp32/fp64): the rules above; in
+      bf16 the layers stay different functions: ``None``.
     * skip_k with memory_shift < L: only layers l + k < L have a write
       projection, so the layers are not one stack of equal shapes: the pass
       finds no layer stack. We do not pin that down: ``None``.
@@ -135,6 +138,8 @@ def expected_batching(config: FamilyConfig, seq_len: int) -> Optional[bool]:
         return False
     if _layer_major_outside(config) and kind != "none":
         return None
+    if config.per_layer_scale and config.dtype not in (torch.float32, torch.float64):
+        return None  # the per-layer constants are lifted only where exact (fp32/fp64)
     full = seq_len // config.segment_size  # number of full-length segments
     if kind == "none" or (kind == "skip_k" and config.memory_shift >= L):
         # Dead writes / no memory: every full segment is the same function.
@@ -227,6 +232,7 @@ def family_configs(
         autocast_rope=draw(st.booleans()),
         layer_major=draw(st.booleans()),
         stacked_memory=draw(st.booleans()),
+        per_layer_scale=draw(st.booleans()),
         dtype=draw(st.sampled_from(tuple(dtypes))),
     )
 

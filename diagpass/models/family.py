@@ -101,6 +101,9 @@ class FamilyConfig:
     # STACKABLE_MEMORY_KINDS, not with layer_major; ignored otherwise.
     layer_major: bool = False
     stacked_memory: bool = False
+    # cells that differ only by a constant: layer l scales its attention branch by
+    # the Python float 1 - 0.05 l (batched with the constants stacked, fp32/fp64)
+    per_layer_scale: bool = False
     dtype: torch.dtype = torch.float32
 
     def __post_init__(self):
@@ -185,10 +188,10 @@ class RecurrentTransformer(nn.Module):
         memories = [make_memory(config, l) for l in range(config.n_layers)]
         if self.outside:
             self.memories = nn.ModuleList(memories)
-            self.layers = nn.ModuleList(Block(config, None) for _ in range(config.n_layers))
+            self.layers = nn.ModuleList(Block(config, None, index=l) for l in range(config.n_layers))
         else:
             self.memories = None
-            self.layers = nn.ModuleList(Block(config, memories[l]) for l in range(config.n_layers))
+            self.layers = nn.ModuleList(Block(config, memories[l], index=l) for l in range(config.n_layers))
         self.final_norm = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.reset_state()

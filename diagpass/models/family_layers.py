@@ -143,9 +143,10 @@ class Block(nn.Module):
     * ``state_in_attributes``: ``forward(x) -> y``, state lives in ``self.memory``'s attributes.
     """
 
-    def __init__(self, config, memory: nn.Module | None = None):
+    def __init__(self, config, memory: nn.Module | None = None, index: int = 0):
         super().__init__()
         self.post_norm = config.norm_placement == "post"
+        self.scale = 1.0 - 0.05 * index if getattr(config, "per_layer_scale", False) else None
         self.inplace = config.inplace_ops
         self.state_in_attributes = config.state_in_attributes
         self.attn = Attention(config)
@@ -154,17 +155,21 @@ class Block(nn.Module):
         self.norm2 = make_norm(config)
         self.memory = memory
 
+    def _attn(self, x, prefix=None):
+        out = self.attn(x, prefix)
+        return out if self.scale is None else out * self.scale
+
     def decoder_layer(self, x, prefix=None):
         if self.post_norm:
-            h = self.norm1(x + self.attn(x, prefix))
+            h = self.norm1(x + self._attn(x, prefix))
             return self.norm2(h + self.mlp(h))
         if self.inplace:  # h = x + attn(...) written into the attention output
-            h = self.attn(self.norm1(x), None if prefix is None else self.norm1(prefix))
+            h = self._attn(self.norm1(x), None if prefix is None else self.norm1(prefix))
             h += x
             out = self.mlp(self.norm2(h))
             out += h
             return out
-        h = x + self.attn(self.norm1(x), None if prefix is None else self.norm1(prefix))
+        h = x + self._attn(self.norm1(x), None if prefix is None else self.norm1(prefix))
         return h + self.mlp(self.norm2(h))
 
     def forward(self, x, state=None, prefix=None):

@@ -18,7 +18,8 @@ SHAPES = {
     "inplace_ops": dict(inplace_ops=True, ffn_kind="swiglu"),
     "mask_ops": dict(mask_ops=True),
     "autocast_rope": dict(autocast_rope=True, rope=True),
-    "all": dict(inplace_ops=True, mask_ops=True, autocast_rope=True, rope=True, ffn_kind="swiglu"),
+    "per_layer_scale": dict(per_layer_scale=True),
+    "all": dict(inplace_ops=True, mask_ops=True, autocast_rope=True, rope=True, ffn_kind="swiglu", per_layer_scale=True),
 }
 
 
@@ -36,12 +37,15 @@ CASES = [("associative", shape) for shape in sorted(SHAPES)] + [("xl_cache", "al
 def test_research_code_shapes_batch_exactly(kind, shape):
     model = build_family_model(_config(kind, **SHAPES[shape]), seed=3)
     ids = torch.randint(0, 32, (2, S * SEG), generator=torch.Generator().manual_seed(0))
+    lifted = diagpass.counters["batch"]["constants_lifted"]
     report = assert_equivalent(model, ids, options={"inner": "eager", "cost_model": False}, expect_batched=True)
     graph = report.graphs[0]
     assert graph.num_wavefronts == S + L - 1
     assert max(len(g) for g in graph.batched_groups) == L
     if SHAPES[shape].get("inplace_ops"):
         assert graph.writes_functionalized > 0
+    if SHAPES[shape].get("per_layer_scale"):  # one scale per layer: lifted in every group
+        assert diagpass.counters["batch"]["constants_lifted"] - lifted >= len(graph.batched_groups)
 
 
 def test_research_code_shapes_train_exactly():
