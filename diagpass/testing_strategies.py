@@ -87,7 +87,7 @@ def _detach_flags(config: FamilyConfig, S: int) -> list:
     return [k is not None and (s + 1) % k == 0 for s in range(S)]
 
 
-def _layer_major_outside(config: FamilyConfig) -> bool:
+def layer_major_with_memory_outside(config: FamilyConfig) -> bool:
     """Layer-major loop with the memory read/write inline at top level: the
     partition splits it exactly, but the memory gate's terms can land in
     neighbouring cells in an order that differs between layer 0 and the others
@@ -121,7 +121,7 @@ def expected_batching(config: FamilyConfig, seq_len: int) -> Optional[bool]:
     * ``layer_major`` and ``stacked_memory`` keep the dependence vectors, so
       the rules above hold (layer-major with memory read/written inline at
       top level, ``memory_params_outside``: ``None``, see
-      ``_layer_major_outside``).
+      ``layer_major_with_memory_outside``).
     * ``per_layer_scale``: layers differ by a Python constant, lifted into a
       stacked input where that is bit-exact (fp32/fp64): the rules above; in
       bf16 the layers stay different functions: ``None``.
@@ -136,7 +136,7 @@ def expected_batching(config: FamilyConfig, seq_len: int) -> Optional[bool]:
         return False
     if kind == "rmt":
         return False
-    if _layer_major_outside(config) and kind != "none":
+    if layer_major_with_memory_outside(config) and kind != "none":
         return None
     if config.per_layer_scale and config.dtype not in (torch.float32, torch.float64):
         return None  # the per-layer constants are lifted only where exact (fp32/fp64)
