@@ -58,6 +58,7 @@ def test_family_rmt_refused_for_the_last_to_first_dependence():
     assert explained.num_wavefronts == 5 * 3 and (1, -2) in explained.dependence_vectors
 
 
+@pytest.mark.slow  # the HF models' Dynamo traces, twice each (explain + compile): ~30 s
 @pytest.mark.transformers
 def test_hf_models():
     pytest.importorskip("transformers")

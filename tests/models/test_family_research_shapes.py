@@ -30,7 +30,10 @@ def _config(kind: str, **shape) -> FamilyConfig:
     )
 
 
-CASES = [("associative", shape) for shape in sorted(SHAPES)] + [("xl_cache", "all")]
+# The single shapes are in "all" too: they run under -m slow, "all" in the default suite.
+CASES = [
+    pytest.param("associative", shape, marks=() if shape == "all" else pytest.mark.slow) for shape in sorted(SHAPES)
+] + [("xl_cache", "all")]
 
 
 @pytest.mark.parametrize("kind,shape", CASES)
