@@ -52,7 +52,10 @@ def test_research_code_shapes_batch_exactly(kind, shape):
 
 
 def test_research_code_shapes_train_exactly():
-    model = build_family_model(_config("associative", **SHAPES["all"]), seed=4).train()
+    # without per_layer_scale: its gradients are checked in tests/passes/test_constants.py, and
+    # here they sent the comparison to the slow float64 oracle (108 s instead of 16 s)
+    shape = {k: v for k, v in SHAPES["all"].items() if k != "per_layer_scale"}
+    model = build_family_model(_config("associative", **shape), seed=4).train()
     ids = torch.randint(0, 32, (2, S * SEG), generator=torch.Generator().manual_seed(1))
     before = diagpass.counters["autocast"]["noop_regions_dropped"]
     assert_equivalent(model, ids, options={"inner": "aot_eager", "cost_model": False}, grads=True, expect_batched=True)
