@@ -138,6 +138,11 @@ def expected_batching(config: FamilyConfig, seq_len: int) -> Optional[bool]:
         return False
     if layer_major_with_memory_outside(config) and kind != "none":
         return None
+    if config.layer_major and config.inplace_ops and kind != "none":
+        # known partition weakness: the write's own copy of a piece of the previous
+        # layer's cat lands in the wrong segment (spurious vectors such as (-1, 1)):
+        # exact, batches less (found by the ci soak, 2026-12-01)
+        return None
     if config.per_layer_scale and config.dtype not in (torch.float32, torch.float64):
         return None  # the per-layer constants are lifted only where exact (fp32/fp64)
     full = seq_len // config.segment_size  # number of full-length segments
