@@ -34,6 +34,7 @@ from diagpass.passes.autocast import (
 )
 from diagpass.passes.dependence import build_cell_graph
 from diagpass.passes.functionalize import functionalize
+from diagpass.passes.graph_utils import copy_graph_module
 from diagpass.passes.grad_mode import detach_no_grad_regions, has_grad_mode_switches
 from diagpass.passes.inline_subgraphs import has_subgraph_calls, inline_subgraphs
 from diagpass.passes.partition import partition
@@ -219,12 +220,7 @@ def _analyze(gm: fx.GraphModule, options: Options, example_inputs):
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    graph = fx.Graph()
-    value, _ = graph.graph_copy(gm.graph, {}, return_output_node=True)
-    graph.output(value)
-    new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-    new.meta = dict(gm.meta)
-    return new
+    return copy_graph_module(gm)[0]
 
 
 def _check_with_fake_tensors(gm: fx.GraphModule) -> None:

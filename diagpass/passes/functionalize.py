@@ -61,7 +61,7 @@ def functionalize(gm: fx.GraphModule) -> Tuple[fx.GraphModule, int]:
     if not effects.writes:
         return gm, 0
     new, val_map = copy_graph_module(gm)
-    moved = _Effects.translate(effects, val_map)
+    moved = _translate(effects, val_map)
     rewriter = _Rewriter(new, moved)
     for node in [val_map[n] for n in gm.graph.nodes if n in effects.writes]:
         rewriter.make_private(node)
@@ -73,14 +73,13 @@ def functionalize(gm: fx.GraphModule) -> Tuple[fx.GraphModule, int]:
     return new, len(effects.writes)
 
 
-class _Effects:
-    @staticmethod
-    def translate(effects: Effects, val_map: Dict[fx.Node, fx.Node]) -> Effects:
-        return Effects(
-            {val_map[n]: w for n, w in effects.writes.items()},
-            {val_map[n]: s for n, s in effects.storages.items()},
-            {val_map[n]: val_map[a] for n, a in effects.returns_input.items()},
-        )
+def _translate(effects: Effects, val_map: Dict[fx.Node, fx.Node]) -> Effects:
+    """The same effects, keyed by the copied graph's nodes."""
+    return Effects(
+        {val_map[n]: w for n, w in effects.writes.items()},
+        {val_map[n]: s for n, s in effects.storages.items()},
+        {val_map[n]: val_map[a] for n, a in effects.returns_input.items()},
+    )
 
 
 class _Rewriter:
