@@ -5,18 +5,20 @@
 
 ``assert_equivalent`` compiles ``model`` with the diagonal backend, compares
 outputs (and with ``grads=True`` every parameter's gradient) against eager,
-and checks that batching did or did not happen. Hypothesis strategies that
+and checks that batching did or did not happen. Its rule for gradients that
+miss the tolerance is ``assert_grads_as_exact_as_eager`` (on the parameter
+gradients ``gradients`` returns). Hypothesis strategies that
 draw whole RMT-style models live in ``diagpass.testing_strategies``; this
 module needs no hypothesis (tested with hypothesis blocked from importing).
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
-from diagpass import backend as _backend
+from diagpass import report as _reports
 from diagpass.counters import counters
 from diagpass.report import DiagonalReport
 
@@ -57,6 +59,13 @@ def _run(fn, model, args, kwargs, grads: bool):
         return fn(*args, **kwargs), None
 
 
+def gradients(fn, model: torch.nn.Module, *args, **kwargs) -> Dict[str, Optional[torch.Tensor]]:
+    """Parameter name -> gradient (None where unused) of the fixed random
+    projection of ``fn(*args, **kwargs)`` that ``assert_equivalent`` compares;
+    ``fn`` is ``model`` itself or ``model`` compiled. ``.grad`` is reset first."""
+    return _run(fn, model, args, kwargs, True)[1]
+
+
 def assert_equivalent(
     model: torch.nn.Module,
     *args,
@@ -84,11 +93,11 @@ def assert_equivalent(
     if reset:
         torch._dynamo.reset()
     expected, expected_grads = _run(model, model, args, kwargs, grads)
-    first = _backend.report_count
+    first = _reports.report_count()
     batched_before = counters["backend"]["graphs_batched"]
     compiled = torch.compile(model, backend="diagonal", options=dict(options or {}))
     actual, actual_grads = _run(compiled, model, args, kwargs, grads)
-    report = DiagonalReport(_backend.reports_since(first))
+    report = DiagonalReport(_reports.reports_since(first))
 
     try:
         torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
@@ -100,7 +109,7 @@ def assert_equivalent(
         except AssertionError:
             # Deep recurrences amplify rounding: eager fp32 itself can be 1e-4 off
             # the exact gradient. Then the claim to check is "as exact as eager".
-            _assert_grads_as_exact_as_eager(model, args, kwargs, actual_grads, expected_grads, atol)
+            assert_grads_as_exact_as_eager(model, args, kwargs, actual_grads, expected_grads, atol)
     batched = counters["backend"]["graphs_batched"] > batched_before
     if expect_batched is not None and batched != expect_batched:
         raise AssertionError(
@@ -250,11 +259,27 @@ def _assert_outputs_as_exact_as_eager(model, args, kwargs, actual, expected, ato
     counters["testing"]["outputs_checked_against_fp64"] += 1
 
 
-def _assert_grads_as_exact_as_eager(model, args, kwargs, actual, expected, atol, factor: float = 2.0) -> None:
-    """Against an fp64 copy of the model: the compiled gradients' error must be
-    within ``factor`` times the reference error (plus ``atol`` x scale): eager
-    fp32's own, or if that is not enough, the largest of eager's and the
-    sequential compiled model's (``_sequential_compiled``)."""
+def assert_grads_as_exact_as_eager(
+    model: torch.nn.Module,
+    args: tuple,
+    kwargs: dict,
+    actual: Dict[str, Optional[torch.Tensor]],
+    expected: Dict[str, Optional[torch.Tensor]],
+    atol: float = 1e-5,
+    factor: float = 2.0,
+    sequential: Optional[Callable] = None,
+) -> None:
+    """``assert_equivalent``'s rule for gradients that miss rtol/atol.
+
+    ``actual`` and ``expected`` are parameter name -> gradient (``gradients``
+    gives them: compiled and eager). Against an fp64 copy of the model, the
+    compiled gradients' error must be within ``factor`` times the reference
+    error (plus ``atol`` x the gradient's magnitude): eager fp32's own, or if
+    that is not enough, the largest of eager's and the sequential compiled
+    model's. ``sequential(model, args, kwargs, grads=True)`` returns the
+    sequential compiled runs as a list of (outputs, gradients); by default the
+    model compiled without the pass (inner aot_eager and Inductor)."""
+    sequential = _sequential_compiled if sequential is None else sequential
     exact_model, args64, kwargs64 = _float64(model, args, kwargs)
     _, exact = _run(exact_model, exact_model, args64, kwargs64, True)
 
@@ -272,7 +297,7 @@ def _assert_grads_as_exact_as_eager(model, args, kwargs, actual, expected, atol,
 
     found = problems([expected])
     if found:
-        seq = [g for _, g in _sequential_compiled(model, args, kwargs, grads=True)]
+        seq = [g for _, g in sequential(model, args, kwargs, grads=True)]
         found = problems([expected, *seq])
         counters["testing"]["grads_checked_against_sequential_compiled"] += 1
     counters["testing"]["grads_checked_against_fp64"] += 1

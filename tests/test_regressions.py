@@ -84,27 +84,25 @@ def test_ill_conditioned_gradients_are_judged_against_reordering_noise():
     assert diagpass.counters["testing"]["grads_checked_against_sequential_compiled"] <= 1
 
 
-def test_grads_reference_falls_back_to_sequential_compiled(monkeypatch):
+def test_grads_reference_falls_back_to_sequential_compiled():
     """The rule behind the test above, with the reorder noise injected: a
     gradient error larger than eager's own passes only if the sequential
     compiled model (no pass) is at least half as far off."""
     import diagpass
-    from diagpass import testing
+    from diagpass.testing import assert_grads_as_exact_as_eager, gradients
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
-    _, expected = testing._run(model, model, (x,), {}, True)
+    expected = gradients(model, model, x)
     actual = {n: g + 1e-3 for n, g in expected.items()}
 
     def sequential_noise(size):
         return lambda *a, **k: [(None, {n: g + size for n, g in expected.items()})]
 
-    monkeypatch.setattr(testing, "_sequential_compiled", sequential_noise(6e-4))
-    testing._assert_grads_as_exact_as_eager(model, (x,), {}, actual, expected, atol=1e-5)
+    assert_grads_as_exact_as_eager(model, (x,), {}, actual, expected, atol=1e-5, sequential=sequential_noise(6e-4))
     assert diagpass.counters["testing"]["grads_checked_against_sequential_compiled"] == 1
-    monkeypatch.setattr(testing, "_sequential_compiled", sequential_noise(1e-4))
     with pytest.raises(AssertionError, match="less exact than eager"):
-        testing._assert_grads_as_exact_as_eager(model, (x,), {}, actual, expected, atol=1e-5)
+        assert_grads_as_exact_as_eager(model, (x,), {}, actual, expected, atol=1e-5, sequential=sequential_noise(1e-4))
 
 
 def test_fp32_gradient_noise_is_decided_in_float64():
@@ -156,7 +154,7 @@ def test_rrelu_in_training_is_random_and_eval_is_not():
     the stream); in eval it is a fixed leaky ReLU."""
     import torch.nn.functional as F
 
-    from diagpass.passes.graph_utils import is_random
+    from diagpass.fx_facts import is_random
 
     def f(x):
         return F.rrelu(x, training=True), F.rrelu(x, training=False), torch.nn.functional.rrelu(x)

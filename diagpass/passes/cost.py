@@ -1,28 +1,20 @@
-"""Pass 4b — cost: does batching pay when the layer weights must be copied?
+"""cost: does batching pay when the layer weights must be copied?
 
 Not a rewrite: an estimate the backend decides with. A batched graph whose
 layer weights are ordinary parameters stacks every layer's weights once per
 call (``torch.stack``: a fresh copy of all L layers' weights). On a GPU that
 copy is small next to what batching saves (fewer, fuller kernels); on a CPU,
 where Inductor's sequential code already keeps the cores busy, batching saves
-little and the copy is the difference. Measured on one AMD EPYC core (small
-ARMT-LLaMA d=256, L=8, 64+16 tokens, fp32; benchmarks/results/):
-
-    S   weight bytes / matmul FLOP   copying diagonal vs sequential
-    4          6.2e-3                     0.90x
-    8          3.1e-3                     0.99x
-    32         0.8e-3                     0.98x
-
-(22.3 MiB of weights against 3.8 / 7.6 / 30.6 GFLOP), so on CPU the backend
-does not batch when the ratio is above ``CPU_COPY_BYTES_PER_FLOP`` (between
-the losing and the even point; one machine, one core: a rule of thumb, not a
-calibration) and the weights would be copied; weights stored stacked
+little and the copy is the difference. On CPU the pipeline does not batch
+when the ratio is above ``CPU_COPY_BYTES_PER_FLOP`` and the weights would be
+copied (a rule of thumb from one machine's measurements, in the README and
+``benchmarks/results/``; not a calibration); weights stored stacked
 (``diagpass.stack_weights_``) are never copied and always batch.
 
 Before: a ``CellGrid`` (cells partitioned). After: unchanged; returns a
 ``BatchingCost``::
 
-    BatchingCost(weight_copy_bytes=23.4e6, matmul_flops=3.79e9)  # 6.2e-3 B/FLOP: S=4 above
+    BatchingCost(weight_copy_bytes=23.4e6, matmul_flops=3.79e9)  # 6.2e-3 B/FLOP: above the rule
 """
 
 from __future__ import annotations
@@ -35,8 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from diagpass.ir.cells import CellGrid
-from diagpass.passes.graph_utils import example_value
-from diagpass.runtime import is_sdpa
+from diagpass.fx_facts import example_value, is_sdpa
 
 CPU_COPY_BYTES_PER_FLOP = 4e-3
 
@@ -71,7 +62,7 @@ def _arg_value(node, i: int, name: str):
     return example_value(a) if hasattr(a, "meta") else None
 
 
-def _node_flops(node) -> int:
+def node_flops(node) -> int:
     if node.op != "call_function":
         return 0
     out = example_value(node)
@@ -93,5 +84,5 @@ def estimate_cost(grid: CellGrid) -> BatchingCost:
     for p in grid.stack.param_layer:
         v = example_value(p)
         weights += _numel(v) * v.element_size() if isinstance(v, torch.Tensor) else 0
-    flops = sum(_node_flops(n) for cell in grid.cells.values() for n in cell.nodes)
+    flops = sum(node_flops(n) for cell in grid.cells.values() for n in cell.nodes)
     return BatchingCost(int(weights), int(flops))

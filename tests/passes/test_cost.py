@@ -6,11 +6,11 @@ import torch
 
 import diagpass
 import diagpass.backend
-from diagpass.backend import Options, analyze
+from diagpass import Options
 from diagpass.models.armt import build_armt, randomize_memory_
 from diagpass.passes.cost import CPU_COPY_BYTES_PER_FLOP, BatchingCost
 from diagpass.testing import assert_equivalent
-from tests.helpers import dynamo_graph
+from tests.helpers import analyze, dynamo_graph
 
 COST_REASON = "cost: on CPU, batching with layer weights copied per call does not pay"
 
@@ -70,7 +70,7 @@ def test_copying_tiny_model_on_cpu_does_not_pay_unless_told_or_stacked(monkeypat
     assert not _refused(gm, inputs, Options(roll=True))
     assert analyze(gm, Options())[0] is not None  # explain's call: no inputs, no decision
     with monkeypatch.context() as m:  # a model with more work per weight byte
-        m.setattr(diagpass.backend, "CPU_COPY_BYTES_PER_FLOP", 1.0)
+        m.setattr(diagpass.pipeline, "CPU_COPY_BYTES_PER_FLOP", 1.0)
         assert not _refused(gm, inputs, Options())
 
     diagpass.stack_weights_(model.layers)  # nothing to copy: batching always pays
@@ -103,7 +103,7 @@ def test_cost_refusal_is_revisited_per_call_when_weights_get_stacked(monkeypatch
         torch.testing.assert_close(compiled(ids), expected)
     assert diagpass.counters["backend"]["graphs_not_batched_cost"] == 1
     assert diagpass.counters["batch"]["cells"] == 0
-    refused = diagpass.backend.reports[-1]
+    refused = diagpass.reports()[-1]
     assert refused.reason.startswith(COST_REASON) and refused.weight_inputs
 
     diagpass.stack_weights_(model.layers)
@@ -112,7 +112,7 @@ def test_cost_refusal_is_revisited_per_call_when_weights_get_stacked(monkeypatch
     assert diagpass.counters["stacked_weights"]["batched_after_cost"] == 1
     assert diagpass.counters["stacked_weights"]["stacked_graphs_compiled"] == 1
     assert diagpass.counters["stacked_weights"]["copying_calls"] == 0
-    late = diagpass.backend.reports[-1]
+    late = diagpass.reports()[-1]
     assert late.batched and late.reason is None and late.num_wavefronts == refused.num_wavefronts
     cells = diagpass.counters["batch"]["cells"]
     assert cells > 0
@@ -140,7 +140,7 @@ def test_inductor_graph_left_sequential_batches_once_weights_are_stacked():
         torch.testing.assert_close(compiled(ids), expected, rtol=1e-5, atol=1e-5)
     assert diagpass.counters["stacked_weights"]["batched_after_cost"] == 1
     assert diagpass.counters["stacked_weights"]["view_calls"] == 1
-    assert diagpass.backend.reports[-1].batched
+    assert diagpass.reports()[-1].batched
 
 
 def test_sdpa_called_with_keywords_is_counted():
@@ -148,8 +148,8 @@ def test_sdpa_called_with_keywords_is_counted():
     an internal error (it left that model unbatched)."""
     import torch.nn.functional as F
 
-    from diagpass.passes.cost import _node_flops
-    from tests.helpers import dynamo_graph
+    from diagpass.passes.cost import node_flops
+    from tests.helpers import analyze, dynamo_graph
 
     class Attn(torch.nn.Module):
         def forward(self, q):
@@ -158,4 +158,4 @@ def test_sdpa_called_with_keywords_is_counted():
     gm, _ = dynamo_graph(Attn(), torch.randn(1, 2, 5, 4))
     sdpa = [n for n in gm.graph.nodes if "scaled_dot_product" in str(n.target)]
     assert sdpa and not sdpa[0].args
-    assert _node_flops(sdpa[0]) == 4 * (1 * 2 * 5 * 4) * 5
+    assert node_flops(sdpa[0]) == 4 * (1 * 2 * 5 * 4) * 5

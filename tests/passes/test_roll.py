@@ -5,20 +5,20 @@ import torch
 
 import diagpass
 from diagpass.models.armt import build_armt, randomize_memory_
-from diagpass.passes.roll import _admits, _symbolic_args, clear_kernel_cache
+from diagpass.runtime.kernel_cache import admits_group_size, clear_kernel_cache, symbolic_group_args
 from diagpass.testing import assert_equivalent, assert_matches_eager
 
 
 def test_symbolic_group_size_admits_what_the_compile_assumed():
     x, w = torch.zeros(5, 3, 4), torch.zeros(7)
-    fakes, shape_env, symbol = _symbolic_args([x, w], [0, None], 5)
+    fakes, shape_env, symbol = symbolic_group_args([x, w], [0, None], 5)
     assert str(fakes[0].shape[0]) == str(symbol) and tuple(fakes[0].shape[1:]) == (3, 4)
     assert tuple(fakes[1].shape) == (7,)  # shared inputs stay static
-    assert _admits(shape_env, symbol)(2) and _admits(shape_env, symbol)(64)
-    assert not _admits(shape_env, symbol)(1)  # G = 1 compiles with static shapes
+    assert admits_group_size(shape_env, symbol)(2) and admits_group_size(shape_env, symbol)(64)
+    assert not admits_group_size(shape_env, symbol)(1)  # G = 1 compiles with static shapes
     if fakes[0].shape[0] == 5:  # a cell that branches on G: the compile is specialised
         pass
-    assert _admits(shape_env, symbol)(5) and not _admits(shape_env, symbol)(4)
+    assert admits_group_size(shape_env, symbol)(5) and not admits_group_size(shape_env, symbol)(4)
 
 
 def _model():
@@ -61,7 +61,7 @@ def test_new_segment_count_compiles_no_new_step(inner):
     assert diagpass.counters["roll"]["kernels_compiled"] == first
     assert diagpass.counters["roll"]["kernels_specialized"] == 0
     assert diagpass.counters["backend"]["graphs_batched"] == 3  # Dynamo traced 3 graphs
-    widths = [len(g) for g in diagpass.backend.reports[-1].batched_groups]
+    widths = [len(g) for g in diagpass.reports()[-1].batched_groups]
     assert max(widths) == 4  # S = 10 really ran groups wider than any S = 4 had
 
 

@@ -1,0 +1,181 @@
+"""The compiled-step cache (``roll``): each distinct batched step compiled once, reused everywhere.
+
+Unrolled, Inductor compiles every cell copy (the cost grows with S), and
+again for every new segment count. But the schedule is regular: all
+steady-state wavefronts run the *same* batched step, and ramp wavefronts run
+it on fewer cells. With ``roll`` each group call becomes a ``CompiledGroup``:
+
+Before (batch pass output, handed to Inductor whole)::
+
+    out_t2 = diag_t2_g0(stack(h..), w_q[0:2], ...)   # BatchedCell, traced inline
+    out_t3 = diag_t3_g0(stack(h..), w_q[0:3], ...)
+
+After (run as Python; each call looks up a kernel)::
+
+    out_t2 = diag_t2_g0(...)   # CompiledGroup: kernel (signature, in_dims, G symbolic)
+    out_t3 = diag_t3_g0(...)   # the same kernel, G = 3
+
+Kernels are compiled (``compile_fx``, so forward and backward) on first use
+and cached process-wide by (cell signature, which inputs are stacked, the
+inputs' shapes/dtypes/strides past the group dim, grad mode). The group size
+G is a *symbol*: groups of two or more cells are compiled once on fake
+arguments whose leading dim is one ``SymInt`` (Inductor reads G from the
+arguments' sizes at run time), so one kernel serves every wavefront width
+and a new segment count, traced anew by Dynamo, finds every kernel already
+compiled. Whatever the compile assumed about G is in the ShapeEnv's guards;
+a kernel is reused only for a G its guards admit (a model whose cell
+branches on G gets a kernel per width, counted as ``kernels_specialized``).
+Single cells (G = 1, which the ShapeEnv specialises anyway) compile with
+static shapes. Glue (embedding, logits, concat) runs eagerly.
+
+Why a host loop and not ``scan``/``while_loop`` in the graph: the ramp
+wavefronts have other widths (a scan needs masking or padding, wasting cells),
+segment-0 and last-segment cells differ structurally (several scans), and
+scan's backward under Inductor needs its carries cloned; separately compiled
+pieces keep training through AOTAutograd per kernel and cost one Python call
+per group (measured in benchmarks/).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Callable, Dict, List, Tuple
+
+import sympy
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+from diagpass.counters import counters
+from diagpass.fx_facts import tensor_meta
+from diagpass.runtime.batched_cell import BatchedCell
+from diagpass.runtime.inner import inner_compile
+
+# key -> [(admits(G), kernel)], newest last
+_KERNELS: Dict[tuple, List[Tuple[Callable[[int], bool], Callable]]] = {}
+# structure -> small id: a cell signature is a deep tuple, too slow to hash on
+# every group call; equal structures (across graphs too) get the same id
+_STRUCTURE_IDS: Dict[tuple, int] = {}
+
+
+def clear_kernel_cache() -> None:
+    _KERNELS.clear()
+
+
+def _group_dim_outermost(a: torch.Tensor) -> bool:
+    """Strides past dim 0 do not depend on G (true of stacks and of slices
+    of a weight stack): the strides in the key then hold for every G."""
+    if a.dim() == 0:
+        return False
+    extent = sum((size - 1) * stride for size, stride in zip(a.shape[1:], a.stride()[1:]))
+    return a.stride(0) > extent
+
+
+def symbolic_group_args(args, in_dims, G: int):
+    """Fake copies of ``args`` whose stacked inputs share one symbolic leading
+    dim; everything else static. Returns (fakes, shape_env, symbol)."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    shape_env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=shape_env)
+    source = ConstantSource("diagpass_group_size")
+    symbol = shape_env.create_symbol(G, source=source, dynamic_dim=DimDynamic.DYNAMIC)
+    size = shape_env.create_symintnode(symbol, hint=G, source=source)
+    fakes = []
+    with mode:
+        for a, d in zip(args, in_dims):
+            if not isinstance(a, torch.Tensor):
+                fakes.append(a)
+                continue
+            # fresh tensors, not from_tensor: a view's base would get symbols of its own
+            shape = tuple(a.shape) if d is None else (size, *a.shape[1:])
+            fake = torch.empty_strided(shape, a.stride(), dtype=a.dtype, device=a.device)
+            fakes.append(fake.requires_grad_(a.requires_grad))
+    return fakes, shape_env, symbol
+
+
+def admits_group_size(shape_env, symbol) -> Callable[[int], bool]:
+    """G -> whether every assumption the compile made about G holds. Read
+    live, not snapshotted: Inductor lowers the backward on first use and may
+    add guards then; answers are cached per (G, number of guards)."""
+    answers: Dict[Tuple[int, int], bool] = {}
+
+    def admits(G: int) -> bool:
+        guards = shape_env.guards
+        key = (G, len(guards))
+        if key not in answers:
+            bounds = shape_env.var_to_range.get(symbol)
+            value = {symbol: sympy.Integer(G)}
+            # anything still symbolic after substituting G is not provably true
+            answers[key] = (bounds is None or bounds.lower <= G <= bounds.upper) and all(
+                g.expr.xreplace(value) is sympy.true for g in guards
+            )
+        return answers[key]
+
+    return admits
+
+
+class CompiledGroup(torch.nn.Module):
+    """A ``BatchedCell`` whose kernel comes from the process-wide cache."""
+
+    def __init__(self, batched: BatchedCell, structure: tuple, inner: str):
+        super().__init__()
+        self.batched = batched
+        self.structure_id = _STRUCTURE_IDS.setdefault(structure, len(_STRUCTURE_IDS))
+        self.inner = inner
+
+    def _graph(self, args) -> fx.GraphModule:
+        """The group call on the tensor arguments; non-tensors (ints such as
+        a batch size, already in the cache key) are constants of the graph,
+        not inputs AOTAutograd would turn into symbols."""
+        g = fx.Graph()
+        call_args = [g.placeholder(f"arg{i}") if isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
+        call = g.call_module("batched", tuple(call_args))
+        g.output(tuple(g.call_function(operator.getitem, (call, j)) for j in range(len(self.batched._final))))
+        return fx.GraphModule({"batched": self.batched}, g)
+
+    def _symbolic(self, args) -> bool:
+        stacked = [a for a, d in zip(args, self.batched.in_dims) if d is not None]
+        return (
+            self.batched.group_size >= 2
+            and self.inner != "eager"  # nothing is compiled: any G runs as is
+            and bool(stacked)
+            and all(isinstance(a, torch.Tensor) and _group_dim_outermost(a) for a in stacked)
+        )
+
+    def _compile(self, args, symbolic: bool) -> Tuple[Callable[[int], bool], Callable]:
+        gm = self._graph(args)
+        tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        if not symbolic:
+            G = self.batched.group_size
+            admits = lambda g: g == G  # noqa: E731
+            fn = inner_compile(gm, [args[i] for i in tensors], self.inner)
+        else:
+            fakes, shape_env, symbol = symbolic_group_args(args, self.batched.in_dims, self.batched.group_size)
+            fn = inner_compile(gm, [fakes[i] for i in tensors], self.inner)
+            admits = admits_group_size(shape_env, symbol)
+        return admits, lambda *a: fn(*[a[i] for i in tensors])
+
+    def forward(self, *args):
+        if any(isinstance(a, FakeTensor) for a in args):
+            return self.batched(*args)  # the backend's fake-tensor check: trace, don't compile
+        G = self.batched.group_size
+        symbolic = self._symbolic(args)
+        key = (
+            self.structure_id,
+            torch.is_grad_enabled(),
+            "G" if symbolic else G,
+            tuple(tensor_meta(a, skip_leading=d is not None) for a, d in zip(args, self.batched.in_dims)),
+        )
+        entries = _KERNELS.setdefault(key, [])
+        fn = next((fn for admits, fn in entries if admits(G)), None)
+        if fn is None:
+            admits, fn = self._compile(args, symbolic)
+            if entries:
+                counters["roll"]["kernels_specialized"] += 1  # an earlier symbolic compile did not admit G
+            entries.append((admits, fn))
+            counters["roll"]["kernels_compiled"] += 1
+        else:
+            counters["roll"]["kernel_cache_hits"] += 1
+        return tuple(fn(*args))
