@@ -138,9 +138,9 @@ def _timed(fn, x, device) -> float:
 
 def _diag_report() -> dict:
     from diagpass import backend
-    if not backend.reports:
+    if not diagpass.reports():
         return {}
-    r = backend.reports[-1]
+    r = diagpass.reports()[-1]
     return {"batched": bool(r.batched), "num_wavefronts": r.num_wavefronts,
             "reason": getattr(r, "reason", None),
             "passes_s": r.timings.get("passes_s"), "inner_s": r.timings.get("inner_s")}

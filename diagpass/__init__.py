@@ -9,10 +9,11 @@ entry point already did, and the ``diagpass`` log with ``torch._logging``
 from typing import List
 
 from diagpass import logs  # noqa: F401 - registers TORCH_LOGS="diagpass" before anything logs
-from diagpass.backend import DiagonalMismatch, Options, diagonal_backend
+from diagpass.backend import diagonal_backend
 from diagpass.counters import counters
-from diagpass.errors import NotBatchable
+from diagpass.errors import DiagonalMismatch, NotBatchable
 from diagpass.explain import explain
+from diagpass.options import Options
 from diagpass.regions import mark_compile_regions
 from diagpass.weights import stack_weights_
 from diagpass.report import DiagonalReport, GraphReport
@@ -42,9 +43,9 @@ def reports() -> List[GraphReport]:
     (``batched``, ``reason``, ``wavefronts``, ``groups``, ``timings``,
     ``recompile_reason``, ``.plot()``); ``print`` one for the S x L grid.
     """
-    from diagpass import backend
+    from diagpass.report import recorded
 
-    return list(backend.reports)
+    return recorded()
 
 
 def _register() -> None:

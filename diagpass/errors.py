@@ -12,3 +12,7 @@ class NotBatchable(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+class DiagonalMismatch(AssertionError):
+    """``verify=True`` found the batched graph's outputs differ from the original's."""

@@ -6,7 +6,8 @@ from typing import Optional
 
 import torch
 
-from diagpass.backend import Options, analyze
+from diagpass import pipeline
+from diagpass.options import Options
 from diagpass.report import DiagonalReport
 
 
@@ -19,6 +20,6 @@ def explain(model, *args, options: Optional[dict] = None, **kwargs) -> DiagonalR
     """
     opts = Options.from_dict(options)
     out = torch._dynamo.explain(model)(*args, **kwargs)
-    graphs = [analyze(gm, opts)[1] for gm in out.graphs]
+    graphs = [pipeline.run(gm, opts).report for gm in out.graphs]
     breaks = [str(getattr(r, "reason", r)) for r in out.break_reasons]
     return DiagonalReport(graphs, breaks)

@@ -136,3 +136,33 @@ class DiagonalReport:
             parts.append(f"--- graph {i} ({g.num_nodes} nodes) ---")
             parts.append(str(g))
         return "\n".join(parts)
+
+
+# Reports of the graphs compiled most recently, newest last. ``_count`` only
+# grows: ``reports_since(mark)`` stays right when old reports are dropped.
+_REPORTS: List[GraphReport] = []
+_MAX_REPORTS = 1024
+_count = 0
+
+
+def record(report: GraphReport) -> None:
+    global _count
+    _REPORTS.append(report)
+    _count += 1
+    del _REPORTS[:-_MAX_REPORTS]
+
+
+def recorded() -> List[GraphReport]:
+    """The reports kept (the most recent 1,024), newest last; a copy."""
+    return list(_REPORTS)
+
+
+def report_count() -> int:
+    """How many reports were ever recorded: a mark for ``reports_since``."""
+    return _count
+
+
+def reports_since(mark: int) -> List[GraphReport]:
+    """Reports of the graphs compiled after ``report_count()`` was ``mark``."""
+    new = _count - mark
+    return list(_REPORTS[-new:]) if new > 0 else []

@@ -1,4 +1,4 @@
-"""Layer weights stored stacked, and the per-call choice of graph that uses them.
+"""Layer weights stored stacked, and whether a call's weights are.
 
     diagpass.stack_weights_(model.layers)    # once, after building / loading the model
     fast = torch.compile(model, backend="diagonal")
@@ -8,11 +8,9 @@ See ``diagpass/passes/stacked_weights.py`` for the graph variant this feeds.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
-
-from diagpass.counters import counters
 
 
 def stacked_view(params: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -53,63 +51,6 @@ def stacked_views(groups: Sequence[Sequence[torch.Tensor]]) -> Optional[list]:
 def stacked_views_at(args: Sequence, indices: Sequence[Sequence[int]]) -> Optional[list]:
     """``stacked_views`` of the parameters at ``indices`` (one list of input positions per role)."""
     return stacked_views([[args[i] for i in idx] for idx in indices])
-
-
-class OnFirstUse:
-    """``self(args)`` -> the function ``make(args)`` built on the first call."""
-
-    def __init__(self, make: Callable, counter: Optional[str] = None):
-        self.make, self.counter, self.fn = make, counter, None
-
-    def __call__(self, args) -> Callable:
-        if self.fn is None:
-            self.fn = self.make(args)
-            if self.counter:
-                counters["stacked_weights"][self.counter] += 1
-        return self.fn
-
-
-class WeightStackDispatch:
-    """Calls the stacked-views variant when it is valid for these arguments,
-    else the copying graph.
-
-    ``copying(args)`` / ``stacked(args)`` return the compiled rewritten graph /
-    its variant with the weight stacks as trailing inputs (``OnFirstUse``).
-    """
-
-    def __init__(self, copying: Callable, stacked: Callable, param_indices):
-        self.copying = copying
-        self.stacked = stacked
-        self.param_indices = param_indices
-
-    def views(self, args) -> Optional[list]:
-        return stacked_views_at(args, self.param_indices)
-
-    def __call__(self, *args):
-        views = self.views(args)
-        if views is None:
-            counters["stacked_weights"]["copying_calls"] += 1
-            return self.copying(args)(*args)
-        counters["stacked_weights"]["view_calls"] += 1
-        full = (*args, *views)
-        return self.stacked(full)(*full)
-
-
-class SequentialUnlessStacked:
-    """The cost decision made per call (``passes/cost.py``): the sequential
-    graph while a batched call would copy the layer weights, the batched graph
-    (``batched(args)``, built on first use) while they are stored stacked.
-    ``weight_inputs``: input positions of each weight role across the layers."""
-
-    def __init__(self, sequential: Callable, batched: Callable, weight_inputs):
-        self.sequential = sequential
-        self.batched = batched
-        self.weight_inputs = weight_inputs
-
-    def __call__(self, *args):
-        if stacked_views_at(args, self.weight_inputs) is None:
-            return self.sequential(*args)
-        return self.batched(args)(*args)
 
 
 def stack_weights_(layers: torch.nn.Module) -> int:

@@ -1,5 +1,8 @@
 import os
 
+# Every stage's output checked against its contract (diagpass/ir/invariants.py).
+os.environ.setdefault("DIAGPASS_CHECK_INVARIANTS", "1")
+
 import pytest
 import torch
 from hypothesis import HealthCheck, settings

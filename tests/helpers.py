@@ -37,3 +37,11 @@ def anti_diagonals(num_segments: int, num_layers: int) -> List[List[Tuple[int, i
         sorted(((t - l, l) for l in range(num_layers) if 0 <= t - l < num_segments), key=lambda c: c[1])
         for t in range(num_segments + num_layers - 1)
     ]
+
+
+def analyze(gm, options, example_inputs=None):
+    """(the lowered rewritten graph or None, the report) of ``diagpass.pipeline.run``."""
+    from diagpass.pipeline import run
+
+    plan = run(gm, options, example_inputs)
+    return (plan.rewrite.gm if plan.rewrite is not None else None), plan.report

@@ -12,7 +12,7 @@ import diagpass
 from diagpass.models.armt import build_armt, randomize_memory_
 from diagpass.models.rmt import build_rmt
 from diagpass.testing import assert_equivalent
-from tests.helpers import dynamo_graph
+from tests.helpers import analyze, dynamo_graph
 
 SNIPPET = """
 import torch, torch.nn as nn
@@ -93,15 +93,15 @@ def test_verify_checks_the_first_call():
     compiled = torch.compile(model, backend="diagonal", options={"inner": "eager", "verify": True})
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids), model(ids))
-    assert diagpass.counters["backend"]["verified"] == 1
+    assert diagpass.counters["runtime"]["verified"] == 1
 
 
 def test_verify_raises_on_a_wrong_rewrite(monkeypatch):
     """Sabotage the batched call: verify must catch it."""
-    from diagpass import runtime
+    from diagpass.runtime.batched_cell import BatchedCell
 
-    original = runtime.BatchedCell.forward
-    monkeypatch.setattr(runtime.BatchedCell, "forward", lambda self, *a: tuple(o + 1 for o in original(self, *a)))
+    original = BatchedCell.forward
+    monkeypatch.setattr(BatchedCell, "forward", lambda self, *a: tuple(o + 1 for o in original(self, *a)))
     model = build_armt("llama", num_layers=3, segment_size=8, num_mem_tokens=2, d_mem=8)
     randomize_memory_(model)
     compiled = torch.compile(model, backend="diagonal", options={"inner": "eager", "verify": True})
@@ -111,12 +111,12 @@ def test_verify_raises_on_a_wrong_rewrite(monkeypatch):
 
 
 def test_internal_error_falls_back(monkeypatch, caplog):
-    from diagpass import backend
+    from diagpass import pipeline
 
     def boom(*a, **k):
         raise RuntimeError("synthetic failure")
 
-    monkeypatch.setattr(backend, "schedule", boom)
+    monkeypatch.setattr(pipeline, "schedule", boom)
     model = build_armt("llama", num_layers=3, segment_size=8, num_mem_tokens=2, d_mem=8)
     ids = torch.randint(0, 128, (1, 8 * 5))
     with caplog.at_level(logging.WARNING, logger="diagpass"):
@@ -162,7 +162,7 @@ def test_dynamic_batch_size_still_batches(roll):
         for batch in (1, 3, 2):
             ids = torch.randint(0, 128, (batch, 8 * 5))
             torch.testing.assert_close(compiled(ids), model(ids), rtol=1e-5, atol=1e-5)
-            assert diagpass.backend.reports[-1].batched
+            assert diagpass.reports()[-1].batched
     assert diagpass.counters["backend"]["graphs_fallback_error"] == 0
 
 
@@ -171,7 +171,7 @@ def test_analyze_leaves_dynamos_graph_unchanged(tbptt):
     """The passes build a new graph; only grad_mode edits in place, on a copy
     (tbptt=2 detaches inside the model; no_grad regions are covered in
     tests/passes/test_grad_mode.py)."""
-    from diagpass.backend import Options, analyze
+    from diagpass import Options
 
     model = build_armt("llama", num_layers=3, segment_size=8, num_mem_tokens=2, d_mem=8)
     randomize_memory_(model)
@@ -192,7 +192,7 @@ def test_steady_state_groups_share_one_module_and_one_fake_trace():
     # module per (structure, size), far fewer than groups.
     assert c["batch"]["groups"] >= 7
     assert c["batch"]["modules"] <= 4
-    assert c["backend"]["fake_check_reused_traces"] >= c["batch"]["groups"] - c["batch"]["modules"]
+    assert c["check"]["fake_check_reused_traces"] >= c["batch"]["groups"] - c["batch"]["modules"]
 
 
 def test_rewritten_graph_compiles_with_memory_config_and_baseline_with_stock_inductor(monkeypatch):

@@ -19,7 +19,7 @@ def _explain_and_compile(model, ids):
     compiled = torch.compile(model, backend="diagonal", options=OPTIONS)
     with torch.no_grad():
         compiled(ids)
-    return explained.graphs[0], diagpass.backend.reports[-1]
+    return explained.graphs[0], diagpass.reports()[-1]
 
 
 def _agree(a, b):

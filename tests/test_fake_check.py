@@ -5,7 +5,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import diagpass
-from diagpass.fake_check import ChangedNodesFakeProp
+from diagpass.runtime.checks import ChangedNodesFakeProp
 from diagpass.models.armt import build_armt, randomize_memory_
 from diagpass.testing import assert_equivalent
 
@@ -30,7 +30,7 @@ def test_copied_nodes_with_unchanged_inputs_are_reused():
     y.meta["diagpass_copied"] = z.meta["diagpass_copied"] = True
     with mode:
         ChangedNodesFakeProp(gm, mode).propagate_dont_convert_inputs(x.meta["example_value"])
-    c = diagpass.counters["backend"]
+    c = diagpass.counters["check"]
     assert (c["fake_check_nodes_reused"], c["fake_check_nodes_run"]) == (2, 2)  # run: placeholder, output
 
 
@@ -41,7 +41,7 @@ def test_a_value_that_differs_from_what_it_replaces_reruns_everything_below():
     with mode:
         y.meta["diagpass_replaces"] = torch.empty(4)  # the original had another shape
         ChangedNodesFakeProp(gm, mode).propagate_dont_convert_inputs(x.meta["example_value"])
-    c = diagpass.counters["backend"]
+    c = diagpass.counters["check"]
     assert (c["fake_check_nodes_reused"], c["fake_check_nodes_run"]) == (0, 4)
 
 
@@ -49,7 +49,7 @@ def test_armt_check_runs_only_new_nodes():
     model = build_armt("llama", num_layers=3, segment_size=8, num_mem_tokens=2, d_mem=8)
     randomize_memory_(model)
     assert_equivalent(model, torch.randint(0, 128, (1, 8 * 9)), options={"inner": "eager"}, expect_batched=True)
-    c = diagpass.counters["backend"]
+    c = diagpass.counters["check"]
     # glue and the unbatched cells are reused; what runs is the batched calls,
     # their stacks and getitems, and the output
     assert c["fake_check_nodes_reused"] > 3 * c["fake_check_nodes_run"] > 0

@@ -27,7 +27,7 @@ def test_reports_lists_compiled_graphs_newest_last():
     got = diagpass.reports()
     assert got[-2:] == [first, second] and len(got) == before + 2
     assert (first.num_segments, second.num_segments) == (5, 6)
-    assert got[-1] is backend.reports[-1]  # the module-level list stays the source
+    assert got[-1] is diagpass.reports()[-1]  # the module-level list stays the source
     got.clear()
     assert diagpass.reports()[-1] is second  # a copy: clearing it changes nothing
 

@@ -1,6 +1,6 @@
 """Ops vmap cannot batch (issue 14, item 6).
 
-- Every entry of the row-wise table (``diagpass/row_wise.py``) is checked: the
+- Every entry of the row-wise table (``diagpass/runtime/row_wise.py``) is checked: the
   folded call (the group's rows in one call) equals per-row calls, its
   decomposition equals the op, and ``BatchedCell`` uses the fold when the
   weights are shared and the decomposition when they are stacked.
@@ -20,8 +20,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 import diagpass
-from diagpass.row_wise import ROW_WISE
-from diagpass.runtime import BatchedCell
+from diagpass.runtime.row_wise import ROW_WISE
+from diagpass.runtime.batched_cell import BatchedCell
 from diagpass.testing import assert_equivalent
 
 IN, H, B, G = 5, 4, 3, 4
@@ -91,9 +91,9 @@ def test_batched_cell_runs_the_op_per_cell(op, shared_weights):
     dims = [0] * n_in + [None if shared_weights else 0] * 4
     cell = BatchedCell(_one_op_template(op), dims, G)
     event = "row_wise_folded" if shared_weights else "row_wise_decomposed"
-    before = diagpass.counters["batch"][event]
+    before = diagpass.counters["runtime"][event]
     outs = cell(x, *states, *w)
-    assert diagpass.counters["batch"][event] == before + 1
+    assert diagpass.counters["runtime"][event] == before + 1
     for g in range(G):
         wg = w if shared_weights else [t[g] for t in w]
         hg = [s[g] for s in states] if op is torch.lstm_cell else states[0][g]

@@ -9,7 +9,7 @@ A ``CellGrid`` is the result of partitioning one graph.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch.fx as fx
 
@@ -25,7 +25,6 @@ class Cell:
     # and values the rest of the graph reads from it (graph order).
     inputs: List[fx.Node] = dataclasses.field(default_factory=list)
     outputs: List[fx.Node] = dataclasses.field(default_factory=list)
-    signature: Optional[tuple] = None
 
     @property
     def id(self) -> CellId:
@@ -83,8 +82,6 @@ class CellGrid:
     glue: List[fx.Node]
     cell_of: Dict[fx.Node, CellId]
     num_segments: int
-    # Filled by the dependence pass: the cells each glue node reads, through glue.
-    glue_sources: Dict[fx.Node, "set"] = dataclasses.field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:

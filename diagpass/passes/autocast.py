@@ -1,4 +1,4 @@
-"""Pass 0c — autocast: regions become node metadata, and back after batching.
+"""autocast: regions become node metadata, and back after batching.
 
 Dynamo records ``with torch.autocast(...)`` inside ``forward`` as a pair of
 global-state calls with no data edges (like ``no_grad``, see ``grad_mode``).
@@ -42,6 +42,7 @@ import torch.fx as fx
 from torch.amp.autocast_mode import _enter_autocast, _exit_autocast
 
 from diagpass.counters import counters
+from diagpass.ir.meta import AUTOCAST
 
 
 def _regions(gm: fx.GraphModule) -> List[Tuple[fx.Node, fx.Node, bool]]:
@@ -94,8 +95,6 @@ def drop_noop_autocast_regions(gm: fx.GraphModule) -> int:
         counters["autocast"]["noop_regions_dropped"] += dropped
     return dropped
 
-
-AUTOCAST = "diagpass_autocast"  # node.meta key: the enclosing regions' arguments, outermost first
 
 
 def _region_args(enter: fx.Node) -> tuple:

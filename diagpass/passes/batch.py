@@ -1,4 +1,4 @@
-"""Pass 4 — batch: one batched call per group of identical cells.
+"""batch: one batched call per group of identical cells.
 
 Before (wavefront t = 2 of ARMT, cells (1,1) and (2,0) identical)::
 
@@ -10,55 +10,46 @@ After::
     w_q     = stack([layers.0.q.weight, ..., layers.{L-1}.q.weight])  # once per call
     x       = stack([h_1_0, h_2_0])          # inputs that differ per cell
     w_q_0_1 = w_q[0:2]                       # weights: a view, never a re-stack
-    out     = diag_t2_g0(x, A, w_q_0_1, ...) # BatchedCell: vmap, SDPA folded
+    out     = diag_t2_g0(x, A, w_q_0_1, ...) # GroupCall: lowered to a vmap of the cell
     h_1_1   = out[0][0];  h_2_0' = out[0][1] ...
 
 The new graph is emitted in schedule order: glue that needs no cell first,
 then every wavefront's groups, each followed by the glue it makes ready.
 Groups with the same structure (signature, size, stacked inputs) call one
-shared module: a steady state of S wavefronts has one BatchedCell, not S.
+shared module: a steady state of S wavefronts has one GroupCall, not S.
 Groups smaller than ``min_group`` (and cells that must never batch) are
 copied node for node. Inputs shared by every cell of a group (the memory
 embeddings, a mask) are passed once, unstacked.
 
-Each new ``BatchedCell`` is traced once on fake stacked inputs when it is
-built (``_Emitter.trial``). A group whose batched call does not trace (an op
-vmap cannot batch and ``diagpass/row_wise.py`` cannot fold) is copied node for
-node like a small group, the other groups still batch, and the cause is
-logged in one line; the backend's whole-graph fake check stays the safety net.
+Each new group module is a ``GroupCall`` (``diagpass/ir/rewrite.py``), IR
+that the runtime lowers. When it is built it is handed to ``trial`` (the
+pipeline passes the runtime's trace on fake stacked inputs): a group whose
+batched call does not trace (an op vmap cannot batch and the row-wise table
+cannot fold) is copied node for node like a small group, the other groups
+still batch, and the cause is recorded once; the pipeline's whole-graph fake
+check stays the safety net. With ``roll`` every group is emitted as a call
+(singletons too), so each distinct step compiles once.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import logging
 import operator
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
 
-from diagpass import logs
 from diagpass.counters import counters
+from diagpass.fx_facts import example_value
+from diagpass.ir.cell_graph import CellGraph
 from diagpass.ir.cells import Cell, CellGrid
+from diagpass.ir.meta import AUTOCAST, COPIED, REPLACES, WEIGHT_STACK
+from diagpass.ir.rewrite import BatchedGraph, GroupCall
 from diagpass.ir.schedule import Group, Schedule
-from diagpass.passes.autocast import AUTOCAST
-from diagpass.passes.graph_utils import example_value
-from diagpass.passes.roll import CompiledGroup, group_structure
-from diagpass.passes.schedule import cell_constants
-from diagpass.runtime import BatchedCell
 
-log = logging.getLogger("diagpass")  # tracebacks of failed trials (DEBUG)
-
-
-@dataclasses.dataclass
-class BatchResult:
-    gm: fx.GraphModule
-    batched_groups: List[Group]
-    batched_cells: int
-    # groups left unbatched by their trial trace: (which group, the cause), one per distinct cause
-    unbatchable: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
+# trial(name, template, in_dims, group size, fake arguments) -> None, or why the call does not trace
+Trial = Callable[[str, fx.GraphModule, tuple, int, list], Optional[str]]
 
 
 def _template(cell: Cell, lifted: Sequence[Tuple[int, int]] = ()) -> fx.GraphModule:
@@ -91,8 +82,10 @@ def _is_dtype_view(node: fx.Node) -> bool:
 class _Emitter:
     """Builds the rewritten graph in schedule order."""
 
-    def __init__(self, grid: CellGrid):
+    def __init__(self, grid: CellGrid, sched: Schedule, trial: Optional[Trial]):
         self.grid = grid
+        self.sched = sched
+        self.trial_fn = trial
         self.graph = fx.Graph()
         self.env: Dict[fx.Node, fx.Node] = {}
         self.modules: Dict[str, torch.nn.Module] = {}
@@ -108,13 +101,13 @@ class _Emitter:
 
     def copy(self, node: fx.Node) -> None:
         self.env[node] = self.graph.node_copy(node, lambda x: self.env[x])
-        self.env[node].meta["diagpass_copied"] = True  # see diagpass/fake_check.py
+        self.env[node].meta[COPIED] = True
 
     def weight_stack(self, role: str) -> fx.Node:
         if role not in self.stacks:
             params = [self.env[p] for p in self.grid.stack.by_role(role)]
             self.stacks[role] = self.graph.call_function(torch.stack, (params,))
-            self.stacks[role].meta["diagpass_weight_stack"] = role  # see passes/stacked_weights.py
+            self.stacks[role].meta[WEIGHT_STACK] = role
             counters["batch"]["weight_stacks"] += 1
         return self.stacks[role]
 
@@ -142,7 +135,7 @@ class _Emitter:
         """The constants in which the group's cells differ (schedule grouped
         them with constants as slots), each appended to ``args`` as a 0-dim
         tensor per cell, stacked: ``tensor([c_0, ..., c_{G-1}], dtype)``."""
-        per_cell = [cell_constants(c) for c in cells]
+        per_cell = [self.sched.constants[c.id] for c in cells]
         lifted = []
         for k, (i, pos, _, dtype) in enumerate(per_cell[0]):
             values = [sites[k][2] for sites in per_cell]
@@ -153,7 +146,7 @@ class _Emitter:
                 counters["batch"]["constants_lifted"] += 1
         return lifted
 
-    def batched(self, name: str, cell_ids: List, roll_inner: Optional[str] = None) -> bool:
+    def batched(self, name: str, cell_ids: Sequence, rolled: bool = False) -> bool:
         cells = [self.grid.cells[c] for c in cell_ids]
         rep = cells[0]
         mark = self._last_node()
@@ -167,12 +160,12 @@ class _Emitter:
             args.append(slot[0])
             dims.append(slot[1])
         lifted = self.lifted_constants(cells, args, dims)
-        structure = group_structure(rep.signature, dims)
-        key = (structure, len(cells), roll_inner, tuple(lifted))
+        structure = (self.sched.signatures[rep.id], tuple(dims))
+        key = (structure, len(cells), rolled, tuple(lifted))
         target = self.module_for.get(key)
         if target is None and key not in self.failed:
-            module = BatchedCell(_template(rep, lifted), dims, len(cells))
-            cause = self.trial(module, cells, args, dims)
+            module = GroupCall(_template(rep, lifted), dims, len(cells), structure, rolled)
+            cause = self.trial(name, module, cells, args, dims)
             if cause is not None:
                 self.failed[key] = cause
                 self.refuse(name, cells, cause)
@@ -181,8 +174,6 @@ class _Emitter:
             self._rollback(mark)
             return False
         if target is None:
-            if roll_inner is not None:
-                module = CompiledGroup(module, structure, roll_inner)
             target = self.module_for[key] = name
             self.modules[name] = module
             counters["batch"]["modules"] += 1
@@ -197,26 +188,21 @@ class _Emitter:
                 out = self.env[cell.outputs[j]] = self.graph.call_function(operator.getitem, (stacked, i))
                 if regions:
                     stacked.meta[AUTOCAST] = out.meta[AUTOCAST] = regions
-                out.meta["diagpass_replaces"] = example_value(cell.outputs[j])  # see diagpass/fake_check.py
+                out.meta[REPLACES] = example_value(cell.outputs[j])
         return True
 
-    def trial(self, module: BatchedCell, cells: List[Cell], args: List, dims: List) -> Optional[str]:
-        """Trace ``module`` on fake stacked inputs; None if it traces, else the
-        cause in one line. The inputs are built as the call builds them (a
-        stack of the cells' values, or the one shared value), and the output
-        metadata is kept for the backend's whole-graph check to reuse."""
+    def trial(self, name: str, module: GroupCall, cells: List[Cell], args: List, dims: List) -> Optional[str]:
+        """``trial`` on fake inputs built as the call builds them (a stack of
+        the cells' values, or the one shared value); None if it traces."""
         mode = next((m for m in (getattr(example_value(a), "fake_mode", None) for a in cells[0].inputs) if m), None)
-        if mode is None:
-            return None  # nothing to trace with: the backend's whole-graph check decides
-        try:
-            with logs.quiet_trial("the trial trace of a batched group"), mode:
+        if mode is None or self.trial_fn is None:
+            return None  # nothing to trace with: the pipeline's whole-graph check decides
+        with mode:
+            try:
                 fakes = [self._fake_arg(cells, k, a, d) for k, (a, d) in enumerate(zip(args, dims))]
-                module.record_trial(fakes, module._run(*fakes))
-        except Exception as e:  # noqa: BLE001 - the group is then not batched: never a wrong answer
-            log.debug("diagpass: a batched group does not trace", exc_info=True)
-            return logs.first_line(e)
-        counters["batch"]["groups_traced"] += 1
-        return None
+            except Exception as e:  # noqa: BLE001 - inputs that do not stack: not batched
+                return f"the group's inputs do not stack ({type(e).__name__}: {e})".splitlines()[0]
+            return self.trial_fn(name, module.template, module.in_dims, module.group_size, fakes)
 
     @staticmethod
     def _fake_arg(cells: List[Cell], k: int, arg: fx.Node, dim):
@@ -263,8 +249,8 @@ def _carry_checkpoint_tags(call: fx.Node, cells: List[Cell]) -> None:
         counters["batch"]["checkpointed_groups"] += 1
 
 
-def _glue_buckets(grid: CellGrid, wave_of: Dict) -> Dict[int, List[fx.Node]]:
-    anc = grid.glue_sources  # from the dependence pass
+def _glue_buckets(grid: CellGrid, graph: CellGraph, wave_of: Dict) -> Dict[int, List[fx.Node]]:
+    anc = graph.glue_sources
     buckets: Dict[int, List[fx.Node]] = {}
     for node in grid.glue:
         w = max((wave_of[c] for c in anc.get(node, ())), default=-1)
@@ -279,31 +265,32 @@ def _lookup(gm: fx.GraphModule, target: str):
     return obj
 
 
-def _emit_rolled(em: "_Emitter", name: str, group: Group, inner: str, done: List[Group], min_group: int) -> None:
+def _emit_rolled(em: "_Emitter", name: str, group: Group, done: List[Group], min_group: int) -> None:
     """Roll mode: every group (singletons too) runs a cached kernel; one
-    kernel serves every group width (``passes/roll.py``). Groups below
+    kernel serves every group width (``runtime/kernel_cache.py``). Groups below
     ``min_group`` run cell by cell (the sequential baseline)."""
     chunks = [group.cells] if group.size >= min_group else [[c] for c in group.cells]
     for k, chunk in enumerate(chunks):
-        if not em.batched(f"{name}_{k}", chunk, roll_inner=inner):
+        if not em.batched(f"{name}_{k}", chunk, rolled=True):
             for cid in chunk:
                 for node in em.grid.cells[cid].nodes:
                     em.copy(node)
             continue
         counters["roll"]["group_calls"] += 1
         if len(chunk) > 1:
-            done.append(Group(list(chunk)))
+            done.append(Group(tuple(chunk)))
             counters["batch"]["groups"] += 1
             counters["batch"]["cells"] += len(chunk)
 
 
 def batch_wavefronts(
-    grid: CellGrid, sched: Schedule, min_group: int = 2, roll: bool = False, inner: str = "inductor"
-) -> BatchResult:
+    grid: CellGrid, graph: CellGraph, sched: Schedule, min_group: int = 2, roll: bool = False,
+    trial: Optional[Trial] = None,
+) -> BatchedGraph:
     gm = grid.gm
     wave_of = {c: w.index for w in sched.wavefronts for c in w.cells}
-    buckets = _glue_buckets(grid, wave_of)
-    em = _Emitter(grid)
+    buckets = _glue_buckets(grid, graph, wave_of)
+    em = _Emitter(grid, sched, trial)
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr"):
             em.copy(node)
@@ -313,9 +300,9 @@ def batch_wavefronts(
     done: List[Group] = []
     for wave in sched.wavefronts:
         for j, group in enumerate(wave.groups):
-            has_signature = grid.cells[group.cells[0]].signature is not None
+            has_signature = sched.signatures[group.cells[0]] is not None
             if roll and has_signature:
-                _emit_rolled(em, f"diag_t{wave.index}_g{j}", group, inner, done, min_group)
+                _emit_rolled(em, f"diag_t{wave.index}_g{j}", group, done, min_group)
                 continue
             batchable = group.size >= min_group and has_signature
             if batchable and em.batched(f"diag_t{wave.index}_g{j}", group.cells):
@@ -338,4 +325,4 @@ def batch_wavefronts(
     em.graph.lint()
     new_gm = fx.GraphModule(root, em.graph, class_name=type(gm).__name__)
     new_gm.meta = dict(gm.meta)
-    return BatchResult(new_gm, done, sum(g.size for g in done), list(em.causes))
+    return BatchedGraph(new_gm, tuple(done), tuple(em.causes))

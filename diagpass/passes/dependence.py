@@ -1,4 +1,4 @@
-"""Pass 2 — dependence: the cell DAG and its dependence vectors.
+"""dependence: the cell DAG and its dependence vectors.
 
 Before: a ``CellGrid`` (cells and glue nodes of one FX graph).
 After: a ``CellGraph``. For per-layer memory (ARMT)::
@@ -75,7 +75,6 @@ def build_cell_graph(grid: CellGrid) -> CellGraph:
             "into it, so a cell cannot run as one call"
         )
     glue_anc = glue_cell_ancestors(grid, q)
-    grid.glue_sources = glue_anc  # the batch pass places glue by it
     dag = nx.DiGraph()
     dag.add_nodes_from(grid.cells)
     for cid in grid.cells:
@@ -84,4 +83,4 @@ def build_cell_graph(grid: CellGrid) -> CellGraph:
             dag.add_edges_from((src, cid) for src in sources)
     vectors = frozenset((b[0] - a[0], b[1] - a[1]) for a, b in dag.edges)
     counters["dependence"]["edges"] += dag.number_of_edges()
-    return CellGraph(dag, vectors, grid.num_segments, grid.num_layers)
+    return CellGraph(dag, vectors, grid.num_segments, grid.num_layers, glue_anc)

@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from diagpass.counters import counters
 from diagpass.errors import NotBatchable
-from diagpass.passes.graph_utils import example_value
+from diagpass.fx_facts import example_value
 
 Storage = StorageWeakRef
 

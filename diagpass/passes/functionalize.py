@@ -1,4 +1,4 @@
-"""Pass 0b — functionalize: every in-place write lands on a tensor only it reads.
+"""functionalize: every in-place write lands on a tensor only it reads.
 
 FX edges do not order an in-place op against the other readers of the tensor
 it writes, so any later reordering (every pass below reorders) could move a
@@ -45,7 +45,8 @@ import torch.fx as fx
 from diagpass.counters import counters
 from diagpass.errors import NotBatchable
 from diagpass.passes.effects import Effects, Storage, analyze_effects
-from diagpass.passes.graph_utils import PRIVATE_WRITE, copy_graph_module, example_value
+from diagpass.fx_facts import copy_graph_module, example_value
+from diagpass.ir.meta import PRIVATE_WRITE
 
 
 def assign_item(tensor: torch.Tensor, index, value) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Pass 0 — grad_mode: turn ``with torch.no_grad()`` regions into detaches.
+"""grad_mode: turn ``with torch.no_grad()`` regions into detaches.
 
 Dynamo records a no-grad block inside ``forward`` as global-state calls with
 no data edges; moving nodes across them (as every later pass does) would move
@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from diagpass.counters import counters
 from diagpass.errors import NotBatchable
-from diagpass.passes.graph_utils import is_compute
+from diagpass.fx_facts import example_value, is_compute
 
 _SET_GRAD = torch._C._set_grad_enabled
 
@@ -81,7 +81,7 @@ def detach_no_grad_regions(gm: fx.GraphModule) -> int:
         inside = set(body)
         for node in body:
             outside = [u for u in node.users if u not in inside]
-            if not outside or not isinstance(node.meta.get("example_value"), torch.Tensor):
+            if not outside or not isinstance(example_value(node), torch.Tensor):
                 continue
             with gm.graph.inserting_after(node):
                 detached = gm.graph.call_method("detach", (node,))

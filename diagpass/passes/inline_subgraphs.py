@@ -1,4 +1,4 @@
-"""Pass 0 — inline_subgraphs: ``nested_compile_region`` and checkpoint calls become plain nodes.
+"""inline_subgraphs: ``nested_compile_region`` and checkpoint calls become plain nodes.
 
 A layer whose ``forward`` is marked ``torch.compiler.nested_compile_region`` is
 traced by Dynamo once (per distinct input structure) into a subgraph, and every
@@ -25,7 +25,7 @@ PREFER_RECOMPUTE, ``meta["ac_graph_id"]``): the partitioner then recomputes
 the region in backward, batched or not (``passes/batch`` copies the tags onto
 a group's call). Selective checkpointing (``context_fn``) is refused.
 
-Every inlined node gets ``meta["diagpass_region"]`` (the call's name) and, for
+Every inlined node gets ``meta[REGION]`` (the call's name) and, for
 ``invoke_subgraph``, the call site's ``nn_module_stack``: the body was traced at the *first* call and its
 own stack names that call's module (layer 0 for every layer), which would read
 as "layer 1's weights used by layer 0's module".
@@ -43,6 +43,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from diagpass.counters import counters
 from diagpass.errors import NotBatchable
+from diagpass.ir.meta import REGION
 
 # ids of inlined checkpoint regions; torch numbers its own from 0 per process, so
 # start far away (the partitioner only needs distinct regions to differ)
@@ -117,7 +118,7 @@ def _inline_call(gm: fx.GraphModule, call: fx.Node) -> None:
                 new.target = name
             else:
                 new = gm.graph.node_copy(node, lambda a: env[a])
-            new.meta["diagpass_region"] = call.name
+            new.meta[REGION] = call.name
             new.meta.update(tags)
             if stack is not None:
                 new.meta["nn_module_stack"] = dict(stack)

@@ -1,4 +1,4 @@
-"""Pass 1 — partition: FX node -> Cell(segment, layer) or glue.
+"""partition: FX node -> Cell(segment, layer) or glue.
 
 Before (Dynamo's unrolled graph, one line per node)::
 
@@ -45,8 +45,8 @@ import torch.fx as fx
 from diagpass.counters import counters
 from diagpass.errors import NotBatchable
 from diagpass.ir.cells import Cell, CellGrid, CellId, LayerStack
-from diagpass.passes.graph_utils import dotted_path, example_value, is_compute, is_unproven_write, is_random, module_paths, placeholder_path
-from diagpass.passes.graph_utils import placeholder_fqns
+from diagpass.fx_facts import dotted_path, example_value, is_compute, is_unproven_write, is_random, module_paths, placeholder_path
+from diagpass.fx_facts import placeholder_fqns
 
 _INDEXED = re.compile(r"^(?P<prefix>.*?)\.(?P<idx>\d+)(?:\.(?P<rest>.*))?$")
 

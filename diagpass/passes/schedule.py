@@ -1,4 +1,4 @@
-"""Pass 3 — schedule: wavefronts, groups of identical cells, closed form.
+"""schedule: wavefronts, groups of identical cells, closed form.
 
 Before: a ``CellGraph``. After: a ``Schedule``. For ARMT with S=3, L=3::
 
@@ -34,8 +34,8 @@ from diagpass.counters import counters
 from diagpass.ir.cell_graph import CellGraph
 from diagpass.ir.cells import Cell, CellGrid
 from diagpass.ir.schedule import Group, Schedule, Wavefront
-from diagpass.passes.autocast import AUTOCAST
-from diagpass.passes.graph_utils import example_value, is_unproven_write, is_random
+from diagpass.ir.meta import AUTOCAST
+from diagpass.fx_facts import example_value
 
 S, L = sympy.symbols("S L", positive=True, integer=True)
 _SIMPLE = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
@@ -125,7 +125,7 @@ def cell_signature(cell: Cell, grid: CellGrid, constants_as_slots: bool = False)
         return None  # partly inside an autocast region: a batched call runs in one state
     body = []
     for i, n in enumerate(cell.nodes):
-        if is_random(n) or is_unproven_write(n) or n.op == "call_module":
+        if n.op == "call_module":  # (random ops and unproven writes: partition refused the graph)
             return None
         args = tuple(slotted.get((i, pos)) or enc(a) for pos, a in enumerate(n.args))
         # recompute: a checkpointed cell and a plain one compute the same values but
@@ -193,8 +193,7 @@ def _reason(graph: CellGraph, steps, culprit) -> str:
 
 
 def schedule(grid: CellGrid, graph: CellGraph) -> Schedule:
-    for cid, cell in grid.cells.items():
-        cell.signature = cell_signature(cell, grid)
+    exact = {cid: cell_signature(cell, grid) for cid, cell in grid.cells.items()}
     # Grouped by the signature with liftable constants as slots: cells that differ
     # only in such constants (a per-layer scale, a per-segment offset) share a group.
     signatures = {cid: cell_signature(cell, grid, constants_as_slots=True) for cid, cell in grid.cells.items()}
@@ -205,11 +204,13 @@ def schedule(grid: CellGrid, graph: CellGraph) -> Schedule:
         for cid in cells:
             key = signatures[cid] if signatures[cid] is not None else ("unique", cid)
             by_sig.setdefault(key, []).append(cid)
-        groups = [Group(list(g)) for g in by_sig.values()]
-        wavefronts.append(Wavefront(t, cells, groups))
+        groups = tuple(Group(tuple(g)) for g in by_sig.values())
+        wavefronts.append(Wavefront(t, tuple(cells), groups))
     steps, time_fn, culprit = linear_schedule(graph)
-    sched = Schedule(wavefronts, graph.num_segments, graph.num_layers, steps, time_fn)
-    if sched.max_width <= 1 and len(grid.cells) > 1:
-        sched.reason = _reason(graph, steps, culprit)
+    width = max((len(w.cells) for w in wavefronts), default=0)
+    reason = _reason(graph, steps, culprit) if width <= 1 and len(grid.cells) > 1 else None
     counters["schedule"]["wavefronts"] += len(wavefronts)
-    return sched
+    constants = {cid: cell_constants(cell) for cid, cell in grid.cells.items()}
+    return Schedule(
+        tuple(wavefronts), graph.num_segments, graph.num_layers, exact, constants, steps, time_fn, reason
+    )

@@ -1,4 +1,4 @@
-"""Pass 0b — see_through: a slice of a concatenation is the piece it covers.
+"""see_through: a slice of a concatenation is the piece it covers.
 
 Layer-major ("horizontal") loops run every segment through layer l, ``torch.cat``
 the segment outputs, and let layer l+1 slice its segments out of the cat again.
@@ -55,7 +55,7 @@ import torch
 import torch.fx as fx
 
 from diagpass.counters import counters
-from diagpass.passes.graph_utils import example_value
+from diagpass.fx_facts import example_value
 
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 _INPLACE_OPERATORS = {

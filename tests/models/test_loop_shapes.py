@@ -16,7 +16,7 @@ def _compiled(model, ids):
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="diagonal", options=OPTIONS)
     with torch.no_grad():
-        return compiled(ids), diagpass.backend.reports[-1]
+        return compiled(ids), diagpass.reports()[-1]
 
 
 def _groups(report):

@@ -2,7 +2,7 @@
 
 - memory in ``nn.LSTMCell``: each layer's memory is an LSTMCell's (h, c),
   carried to the next segment; ``aten::lstm_cell`` has no batching rule, so
-  a group spanning layers runs its decomposition (``diagpass/row_wise.py``);
+  a group spanning layers runs its decomposition (``diagpass/runtime/row_wise.py``);
 - attention through ``nn.MultiheadAttention(batch_first=True)`` with a bool
   causal mask (torch converts it with ``masked_fill_`` on a graph-local
   tensor, which functionalize makes private).
@@ -114,10 +114,10 @@ def test_lstm_memory_exact_and_batched():
     torch.manual_seed(0)
     model = LSTMMemoryModel().eval()
     x = torch.randn(2, S * SEG, D)
-    before = diagpass.counters["batch"]["row_wise_decomposed"]
+    before = diagpass.counters["runtime"]["row_wise_decomposed"]
     report = assert_equivalent(model, x, options={"inner": "eager", "cost_model": False}, expect_batched=True)
     _check_batched(report)
-    assert diagpass.counters["batch"]["row_wise_decomposed"] > before  # per-layer weights: decomposed
+    assert diagpass.counters["runtime"]["row_wise_decomposed"] > before  # per-layer weights: decomposed
 
 
 def test_lstm_memory_gradients_exact():

@@ -29,7 +29,7 @@ def _compiled_run(model, ids):
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="diagonal", options=OPTIONS)
     with torch.no_grad():
-        return compiled(ids), diagpass.backend.reports[-1]
+        return compiled(ids), diagpass.reports()[-1]
 
 
 def _assert_batched_diagonally(report, num_segments):
@@ -121,10 +121,10 @@ def test_attribute_memory_shape_with_a_padding_mask_exact_and_batched():
     with torch.no_grad():
         ref = model(ids, attention_mask=mask)
     torch._dynamo.reset()
-    mark = diagpass.backend.report_count
+    mark = diagpass.report.report_count()
     with torch.no_grad():
         out = torch.compile(model, backend="diagonal", options=OPTIONS)(ids, attention_mask=mask)
-    (report,) = diagpass.backend.reports_since(mark)
+    (report,) = diagpass.report.reports_since(mark)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     _assert_batched_diagonally(report, num_segments)
     from diagpass.models.hf_layers import transformers_version

@@ -13,7 +13,7 @@ def test_per_layer_memory_vectors_and_wavefronts(per_layer_graph):
     graph = build_cell_graph(grid)
     assert graph.vectors == {(0, 1), (1, 0)}
     sched = schedule(grid, graph)
-    assert [w.cells for w in sched.wavefronts] == [
+    assert [list(w.cells) for w in sched.wavefronts] == [
         [(0, 0)],
         [(1, 0), (0, 1)],
         [(2, 0), (1, 1)],
@@ -22,9 +22,9 @@ def test_per_layer_memory_vectors_and_wavefronts(per_layer_graph):
     ]
     assert str(sched.closed_form) == "L + S - 1"
     # t=2: (2,0) and (1,1) both read and write memory: one group
-    assert [g.cells for g in sched.wavefronts[2].groups] == [[(2, 0), (1, 1)]]
+    assert [list(g.cells) for g in sched.wavefronts[2].groups] == [[(2, 0), (1, 1)]]
     # t=3: the last segment's memory write is dead code: a different cell
-    assert [g.cells for g in sched.wavefronts[3].groups] == [[(3, 0)], [(2, 1)]]
+    assert [list(g.cells) for g in sched.wavefronts[3].groups] == [[(3, 0)], [(2, 1)]]
 
 
 def test_last_to_first_memory_is_sequential_and_explained(last_to_first_graph):

@@ -18,7 +18,7 @@ import diagpass
 from diagpass import backend
 from diagpass.passes.effects import analyze_effects
 from diagpass.passes.functionalize import assign_item, functionalize
-from diagpass.passes.graph_utils import PRIVATE_WRITE
+from diagpass.ir.meta import PRIVATE_WRITE
 from tests.helpers import dynamo_graph
 
 D, SEG, S, L = 8, 4, 6, 3
@@ -94,7 +94,7 @@ def _compiled(model, *args, **options):
     torch._dynamo.reset()
     with torch.no_grad():
         out = torch.compile(model, backend="diagonal", options={**EAGER, **options})(*args)
-    return out, backend.reports[-1]
+    return out, diagpass.reports()[-1]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -243,7 +243,7 @@ def test_in_place_writes_train_with_exact_gradients(mode):
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="diagonal", options={"inner": "aot_eager", "cost_model": False})
     loss(compiled).backward()
-    assert backend.reports[-1].batched, backend.reports[-1].reason
+    assert diagpass.reports()[-1].batched, diagpass.reports()[-1].reason
     for k, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[k], rtol=1e-5, atol=1e-6, msg=k)
 

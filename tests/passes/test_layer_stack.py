@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import diagpass
-from diagpass.passes.graph_utils import placeholder_fqns
+from diagpass.fx_facts import placeholder_fqns
 from diagpass.passes.partition import find_layer_stack, partition
 from tests.helpers import dynamo_graph, middle_cells_that_batch
 
@@ -113,7 +113,7 @@ def test_wrapped_aliased_attribute_memory_batches_exactly():
     for layer, want in zip(model.alias, ref_mem):
         torch.testing.assert_close(layer.mem, want, rtol=1e-5, atol=1e-5)
         assert layer.first_seg is False
-    report = diagpass.backend.reports[-1]
+    report = diagpass.reports()[-1]
     assert report.batched and report.num_wavefronts == 5 + 4 - 1
     assert middle_cells_that_batch(5, 4) <= {c for g in report.batched_groups for c in g}
 
@@ -136,7 +136,7 @@ def test_one_wider_layer_keeps_its_place_and_the_others_batch():
     torch._dynamo.reset()
     out = torch.compile(model, backend="diagonal", options={"inner": "eager", "cost_model": False})(x)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    report = diagpass.backend.reports[-1]
+    report = diagpass.reports()[-1]
     assert report.batched and report.num_wavefronts == 6 + 4 - 1
     # Segments 1..5 of layers 0, 1, 3 are alike (the last one too: its memory is
     # an output, the attribute); each wavefront's alike cells form one group, so

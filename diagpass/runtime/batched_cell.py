@@ -12,9 +12,9 @@ nodes run *directly* on the stacked tensors:
   vmap would fall back to a Python loop, but SDPA already accepts extra
   leading batch dims, so the group dim is folded into the batch instead.
 - ``torch.cat``: vmap's rule reads concrete sizes, which specialises a kernel
-  compiled for a symbolic group size (``passes/roll.py``) to one width; cat
+  compiled for a symbolic group size (``runtime/kernel_cache.py``) to one width; cat
   of the stacked inputs along the shifted dim is the same op.
-- ops of the row-wise table (``diagpass/row_wise.py``: ``lstm_cell`` and the
+- ops of the row-wise table (``diagpass/runtime/row_wise.py``: ``lstm_cell`` and the
   other RNN cells, which vmap cannot batch): the group dim is folded into the
   op's batch dim when the group shares the weights, as for SDPA; otherwise the
   op's decomposition runs under vmap.
@@ -24,56 +24,15 @@ The template is cut at every direct node into pieces; pieces run under vmap.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from diagpass.counters import counters
-from diagpass.row_wise import row_wise_spec
-
-SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
-
-
-# Output metadata of BatchedCell calls seen during the backend's fake-tensor
-# check, keyed by (module, argument metadata); None outside the check.
-_fake_memo: Optional[Dict[tuple, tuple]] = None
-
-
-@contextlib.contextmanager
-def memoized_fake_outputs() -> Iterator[None]:
-    """While active, a BatchedCell traced again on fake arguments of the same
-    metadata returns fresh fake outputs of the recorded metadata instead of
-    re-running vmap: the check then costs one trace per distinct call, not
-    one per wavefront (S x that for a long input)."""
-    global _fake_memo
-    saved, _fake_memo = _fake_memo, {}
-    try:
-        yield
-    finally:
-        _fake_memo = saved
-
-
-def _static_meta(values) -> Optional[tuple]:
-    """(shape, stride, dtype, device) of each tensor; None if any value is
-    not a tensor or has a symbolic size (not worth the risk to reproduce)."""
-    out = []
-    for v in values:
-        if not isinstance(v, torch.Tensor):
-            return None
-        shape, stride = tuple(v.shape), tuple(v.stride())
-        if not all(isinstance(d, int) for d in shape + stride):
-            return None
-        out.append((shape, stride, v.dtype, v.device, v.requires_grad))
-    return tuple(out)
-
-
-def is_sdpa(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in SDPA_TARGETS
-
+from diagpass.fx_facts import SDPA_TARGETS, example_value, is_sdpa
+from diagpass.runtime.row_wise import row_wise_spec
 
 def is_direct_cat(node: fx.Node) -> bool:
     """``torch.cat(tensors, dim)`` of same-rank tensors (cat's legacy rule
@@ -83,7 +42,7 @@ def is_direct_cat(node: fx.Node) -> bool:
     if len(node.args) not in (1, 2) or not isinstance(node.args[0], (list, tuple)):
         return False
     dim = node.args[1] if len(node.args) == 2 else node.kwargs.get("dim", 0)
-    values = [a.meta.get("example_value") if isinstance(a, fx.Node) else None for a in node.args[0]]
+    values = [example_value(a) if isinstance(a, fx.Node) else None for a in node.args[0]]
     if not isinstance(dim, int) or not all(isinstance(v, torch.Tensor) for v in values):
         return False
     return len({v.dim() for v in values}) == 1 and values[0].dim() > 0
@@ -203,15 +162,13 @@ class BatchedCell(torch.nn.Module):
         self.in_dims = tuple(in_dims)
         self.group_size = group_size
         self._placeholders, self._pieces, self._final = _split_at_direct_nodes(template)
-        # (argument metadata) -> output metadata of the batch pass's trial trace
-        self._traced: Dict[tuple, tuple] = {}
         for i, p in enumerate(self._pieces):
             if p.gm is not None:
                 self.add_module(f"piece{i}", p.gm)
 
     def _group_size(self, args):
         """G from the stacked arguments, not ``self.group_size``: a kernel
-        compiled for a symbolic group size (``passes/roll.py``) then serves
+        compiled for a symbolic group size (``runtime/kernel_cache.py``) then serves
         every G."""
         for a, d in zip(args, self.in_dims):
             if d is not None and isinstance(a, torch.Tensor):
@@ -224,32 +181,7 @@ class BatchedCell(torch.nn.Module):
             return value
         return value.expand(G, *value.shape)
 
-    def record_trial(self, args, outs) -> None:
-        """Keep the output metadata of a trace on ``args`` (the batch pass's
-        trial on fake stacked inputs): the backend's whole-graph check then
-        reuses it for a call on arguments of the same metadata."""
-        key, meta = _static_meta(args), _static_meta(outs)
-        if key is not None and meta is not None:
-            self._traced[key] = meta
-
     def forward(self, *args):
-        if _fake_memo is None:
-            return self._run(*args)
-        key = _static_meta(args)
-        hit = (_fake_memo.get((id(self), key)) or self._traced.get(key)) if key is not None else None
-        if hit is not None:
-            counters["backend"]["fake_check_reused_traces"] += 1
-            return tuple(
-                torch.empty_strided(shape, stride, dtype=dtype, device=device, requires_grad=grad)
-                for shape, stride, dtype, device, grad in hit
-            )
-        outs = self._run(*args)
-        meta = _static_meta(outs)
-        if key is not None and meta is not None:
-            _fake_memo[(id(self), key)] = meta
-        return outs
-
-    def _run(self, *args):
         G = self._group_size(args)
         env = {
             name: (a, d is not None)
@@ -293,9 +225,9 @@ class BatchedCell(torch.nn.Module):
             for t in (v if isinstance(v, (list, tuple)) else [v])
         ]
         if not shared_batched and all(r == spec.rank for r in ranks):
-            counters["batch"]["row_wise_folded"] += 1
+            counters["runtime"]["row_wise_folded"] += 1
             return self._fold_rows(node, spec, values, G), True
-        counters["batch"]["row_wise_decomposed"] += 1
+        counters["runtime"]["row_wise_decomposed"] += 1
         dims = tuple(0 if b else None for _, b in values)
         return torch.vmap(spec.decomposition, in_dims=dims, out_dims=0)(*[v for v, _ in values]), True
 

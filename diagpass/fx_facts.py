@@ -1,4 +1,8 @@
-"""Small FX helpers shared by the passes: names of things, not rewrites."""
+"""Facts about Dynamo's FX graphs, shared by the passes and the runtime.
+
+Names of things (placeholder paths, layer FQNs), a node's example value, which
+nodes compute, write, draw random numbers or call SDPA, a tensor's metadata
+key, and the one graph copy. Nothing here rewrites a graph."""
 
 from __future__ import annotations
 
@@ -9,6 +13,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
+
+from diagpass.ir.meta import PRIVATE_WRITE
 
 _ROOT = re.compile(r"^L\[['\"][^'\"]*['\"]\]\.?")
 # ``.__dict__['_modules']['layer']``: how Dynamo reaches a submodule of a
@@ -158,15 +165,47 @@ def is_compute(node: fx.Node) -> bool:
     return node.op in ("call_function", "call_method", "call_module")
 
 
+SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+
+
+def is_sdpa(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in SDPA_TARGETS
+
+
+def tensor_meta(value, with_grad: bool = True, skip_leading: bool = False):
+    """What compiled code is specialised on for one value: (shape, stride,
+    dtype, device[, requires_grad]) of a tensor (past its leading dim with
+    ``skip_leading``), the type and repr of anything else. Sizes may be
+    symbolic; ``static_meta`` is the variant that refuses them."""
+    if not isinstance(value, torch.Tensor):
+        return (type(value).__name__, repr(value))
+    shape, stride = tuple(value.shape), tuple(value.stride())
+    if skip_leading:
+        shape = shape[1:]
+    key = (shape, stride, value.dtype, value.device)
+    return key + (value.requires_grad,) if with_grad else key
+
+
+def static_meta(values) -> Optional[tuple]:
+    """``tensor_meta`` of each value; None if any is not a tensor or has a
+    symbolic size or stride (not worth the risk to reproduce)."""
+    out = []
+    for v in values:
+        if not isinstance(v, torch.Tensor):
+            return None
+        key = tensor_meta(v)
+        if not all(isinstance(d, int) for d in key[0] + key[1]):
+            return None
+        out.append(key)
+    return tuple(out)
+
+
 _MUTATING_FUNCTIONS = {
     operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
     operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior,
     operator.ixor, operator.ilshift, operator.irshift, operator.imatmul,
 }
 
-# node.meta key set by passes/functionalize.py on a write it proved private
-# (the written tensor has no other reader): data edges alone then order it.
-PRIVATE_WRITE = "diagpass_private_write"
 
 
 def looks_like_mutation(node: fx.Node) -> bool:

@@ -1,6 +1,6 @@
 """Ops that ``torch.vmap`` cannot batch but that are independent per batch row.
 
-``BatchedCell`` (``diagpass/runtime.py``) runs a group of cells as one vmap
+``BatchedCell`` (``diagpass/runtime/batched_cell.py``) runs a group of cells as one vmap
 of a cell's subgraph. A few ops have no batching rule: ``aten::lstm_cell``
 (its ``Tensor[] hx`` argument defeats vmap's generic fallback, so it is an
 error) and ``gru_cell`` / ``rnn_tanh_cell`` / ``rnn_relu_cell`` (the fallback

@@ -1,0 +1,52 @@
+"""The backend's options (``torch.compile(..., options={...})``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from diagpass.runtime.inner import INNER_COMPILERS
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Backend options (``torch.compile(..., options={...})``).
+
+    inner:     compiler for the rewritten graph: "inductor" | "aot_eager" | "eager".
+    min_group: smallest group of identical cells worth one batched call.
+    verify:    on the first call also run the original graph and raise
+               ``DiagonalMismatch`` if outputs differ (rtol/atol below).
+    enabled:   False compiles the graph unchanged (same inner compiler): the
+               sequential baseline.
+    cost_model: on CPU with Inductor, do not batch when the layer weights would
+               be copied per call and the copy outweighs what batching can save
+               (``passes/cost.py``); False batches whenever it is safe.
+    roll:      compile each distinct batched step once (cached across graphs
+               and segment counts) and run the schedule as a host loop, glue
+               eager; compile cost independent of the number of segments.
+    """
+
+    inner: str = "inductor"
+    min_group: int = 2
+    verify: bool = False
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    enabled: bool = True
+    roll: bool = False
+    cost_model: bool = True
+
+    @classmethod
+    def from_dict(cls, options: Optional[dict]) -> "Options":
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(
+                f"diagpass: unknown option(s) {unknown}; known options are {sorted(known)}"
+            )
+        opts = cls(**options)
+        if opts.inner not in INNER_COMPILERS:
+            raise ValueError(f"diagpass: options['inner'] must be one of {INNER_COMPILERS}, got {opts.inner!r}")
+        if not isinstance(opts.min_group, int) or opts.min_group < 2:
+            raise ValueError(f"diagpass: options['min_group'] must be an int >= 2, got {opts.min_group!r}")
+        return opts

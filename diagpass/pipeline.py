@@ -1,0 +1,341 @@
+"""The pipeline: Dynamo's graph in, a ``Plan`` out.
+
+    prepare       inline_subgraphs, functionalize, see_through,   the graph normalised
+                  autocast (drop, lift), grad_mode
+    partition     FX nodes -> cells (segment, layer) or glue      CellGrid
+    cost          weight bytes a call copies vs matmul FLOPs      BatchingCost
+    dependence    the cell DAG and its dependence vectors         CellGraph
+    schedule      wavefronts, groups, closed form                 Schedule
+    decide        batch at all? (schedule, min_group, cost rule)
+    batch         one GroupCall per group (trial-traced)          BatchedGraph
+    autocast      regions restored around runs of nodes
+    lower         GroupCall -> BatchedCell / compiled step        the rewritten graph (runtime)
+    check         the lowered graph traced on fake tensors
+    stacked       the variant reading stored weight stacks        LiftedStacks
+
+``run`` does them in order (``analysis`` then ``rewrite``). A stage that cannot
+prove its step safe raises ``NotBatchable``; ``run`` catches it, and any other
+exception, and returns a plan without a rewrite whose report says why: the
+backend then compiles Dynamo's graph unchanged. When only the cost rule said
+no, ``rewrite_when_stacked`` runs the stages after ``decide`` later, for a
+call whose weights are stored stacked (Dynamo does not guard on storage).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import logging
+import time
+from typing import List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+
+from diagpass import logs
+from diagpass.counters import counters
+from diagpass.errors import NotBatchable
+from diagpass.fx_facts import copy_graph_module, example_value
+from diagpass.ir import CellGraph, CellGrid, Schedule
+from diagpass.ir.invariants import check_stage
+from diagpass.ir.meta import AUTOCAST
+from diagpass.ir.rewrite import BatchedGraph
+from diagpass.options import Options
+from diagpass.passes.autocast import (
+    drop_noop_autocast_regions,
+    has_autocast_regions,
+    lift_autocast_regions,
+    restore_autocast_regions,
+)
+from diagpass.passes.batch import batch_wavefronts
+from diagpass.passes.cost import CPU_COPY_BYTES_PER_FLOP, BatchingCost, estimate_cost
+from diagpass.passes.dependence import build_cell_graph
+from diagpass.passes.functionalize import functionalize
+from diagpass.passes.grad_mode import detach_no_grad_regions, has_grad_mode_switches
+from diagpass.passes.inline_subgraphs import has_subgraph_calls, inline_subgraphs
+from diagpass.passes.partition import partition
+from diagpass.passes.schedule import cells_partly_in_autocast, schedule
+from diagpass.passes.see_through import has_concat_reads, simplify_concat_slices
+from diagpass.passes.stacked_weights import LiftedStacks, lift_weight_stacks
+from diagpass.report import GraphReport
+from diagpass.runtime.checks import GroupTrials
+from diagpass.runtime.lower import lower
+from diagpass.weights import stacked_views_at
+
+log = logging.getLogger("diagpass")
+
+INTERNAL_ERROR = "internal error in the pass, graph left unchanged"
+
+
+@dataclasses.dataclass(frozen=True)
+class Rewrite:
+    """The rewritten graph, lowered (``gm``: layer weights stacked per call),
+    its variant reading stored weight stacks (static shapes only), and the
+    batch pass's IR result (which groups batched, which did not trace)."""
+
+    gm: fx.GraphModule
+    stacked: Optional[LiftedStacks]
+    batched: BatchedGraph
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the pipeline made of one graph. ``rewrite`` is None when the graph
+    runs unchanged (``report.reason`` says why). ``weight_inputs``: input
+    positions of each layer-weight role, sorted by role; set whenever a call
+    may read the weights as stored stacks."""
+
+    gm: fx.GraphModule
+    options: Options
+    report: GraphReport
+    grid: Optional[CellGrid] = None
+    cell_graph: Optional[CellGraph] = None
+    schedule: Optional[Schedule] = None
+    cost: Optional[BatchingCost] = None
+    rewrite: Optional[Rewrite] = None
+    weight_inputs: Optional[List[List[int]]] = None
+    cost_refused: bool = False
+
+
+@dataclasses.dataclass
+class _Stages:
+    """The stage results while the pipeline runs; frozen into a ``Plan``."""
+
+    gm: fx.GraphModule
+    options: Options
+    writes_functionalized: int = 0
+    grid: Optional[CellGrid] = None
+    cell_graph: Optional[CellGraph] = None
+    schedule: Optional[Schedule] = None
+    cost: Optional[BatchingCost] = None
+    rewrite: Optional[Rewrite] = None
+    weight_inputs: Optional[List[List[int]]] = None
+    cost_refused: bool = False
+    reason: Optional[str] = None
+    seconds: float = 0.0
+
+
+def run(gm: fx.GraphModule, options: Options, example_inputs=None) -> Plan:
+    """All stages. With the real ``example_inputs`` (the backend has them,
+    ``explain`` does not) the cost rule is applied too."""
+    st = _Stages(gm, options)
+    t0 = time.perf_counter()
+    with _gc_paused(), _fallback(st):
+        analysis(st, example_inputs)
+        st.rewrite = rewrite(st.grid, st.cell_graph, st.schedule, options, _static(gm, example_inputs))
+        _conclude(st)
+    st.seconds = time.perf_counter() - t0
+    return _freeze(st)
+
+
+def analysis(st: _Stages, example_inputs) -> None:
+    """prepare -> partition -> cost -> dependence -> schedule -> decide."""
+    options = st.options
+    prepared = prepare(st.gm, options)
+    st.writes_functionalized = prepared[1]
+    st.grid = check_stage("partition", partition(prepared[0]))
+    st.cost = estimate_cost(st.grid)
+    st.cell_graph = check_stage("dependence", build_cell_graph(st.grid), st.grid)
+    st.schedule = check_stage("schedule", schedule(st.grid, st.cell_graph), st.grid, st.cell_graph)
+    st.reason = _why_not(st.grid, st.schedule, options)
+    if st.reason is not None and not options.roll:
+        raise NotBatchable(st.reason)  # roll rewrites anyway: each distinct cell compiles once
+    if example_inputs is not None and _static(st.gm, example_inputs):
+        st.weight_inputs = _weight_input_indices(st.gm, st.grid)
+    if example_inputs is not None and _copying_does_not_pay(st, example_inputs):
+        st.cost_refused = True
+        counters["backend"]["graphs_not_batched_cost"] += 1
+        raise NotBatchable(
+            f"cost: on CPU, batching with layer weights copied per call does not pay: {st.cost.describe()} "
+            f"(> {CPU_COPY_BYTES_PER_FLOP:.0e}). Store the weights stacked "
+            "(diagpass.stack_weights_(model.layers)) to batch without the copy, or pass "
+            "options={'cost_model': False}"
+        )
+
+
+def prepare(gm: fx.GraphModule, options: Options) -> Tuple[fx.GraphModule, int]:
+    """The normalisations, in order, on a copy when one of them edits in place
+    (the fallback compiles the graph Dynamo gave). Returns (graph, writes made private)."""
+    if has_subgraph_calls(gm) or has_grad_mode_switches(gm) or has_autocast_regions(gm) or has_concat_reads(gm):
+        gm = copy_graph_module(gm)[0]
+    inline_subgraphs(gm)
+    gm, writes = functionalize(gm)  # a new graph if it rewrites
+    simplify_concat_slices(gm)  # after functionalize: every write is private
+    drop_noop_autocast_regions(gm)
+    if lift_autocast_regions(gm) and options.roll:  # kernels are compiled outside the regions
+        raise NotBatchable("autocast regions inside forward are not supported with roll=True")
+    detach_no_grad_regions(gm)  # also refuses autocast / other global-state calls
+    return check_stage("prepare", gm), writes
+
+
+def rewrite(grid: CellGrid, graph: CellGraph, sched: Schedule, options: Options, static: bool) -> Rewrite:
+    """batch -> autocast -> lower -> check -> stacked."""
+    trials = GroupTrials()
+    batched = batch_wavefronts(grid, graph, sched, options.min_group, roll=options.roll, trial=trials.trial)
+    if not batched.batched_groups and not options.roll:
+        if batched.unbatchable:  # every group's batched call failed its trial trace
+            raise NotBatchable(f"the batched graph does not trace ({batched.unbatchable[0][1]})")
+        raise NotBatchable("no group could be batched (inputs that cannot be stacked)")
+    gm = batched.gm
+    if any(AUTOCAST in n.meta for n in gm.graph.nodes):
+        gm = copy_graph_module(gm)[0]
+        restore_autocast_regions(gm)  # enter/exit around every run of nodes of one region
+    lowered = check_stage("rewrite", lower(gm, options.inner))
+    trials.check(lowered)
+    for where, cause in batched.unbatchable:  # the other groups batched: one line per cause
+        log.info("diagpass: %s runs cell by cell: its batched call does not trace (%s)", where, cause)
+    stacked = _lifted(gm, grid, options) if static else None
+    return Rewrite(lowered, stacked, batched)
+
+
+def rewrite_when_stacked(plan: Plan) -> Plan:
+    """The stages after ``decide`` for a plan the cost rule left sequential, on the
+    first call whose weights are stored stacked; the report is a new one."""
+    st = dataclasses.replace(_thaw(plan), cost_refused=False, reason=None)
+    t0 = time.perf_counter()
+    with _gc_paused(), _fallback(st):
+        st.rewrite = rewrite(plan.grid, plan.cell_graph, plan.schedule, plan.options, static=True)
+        _conclude(st)
+    st.seconds = time.perf_counter() - t0
+    return _freeze(st)
+
+
+def disabled(gm: fx.GraphModule, options: Options) -> Plan:
+    return Plan(gm, options, GraphReport(reason="disabled by options"))
+
+
+def _why_not(grid: CellGrid, sched: Schedule, options: Options) -> Optional[str]:
+    if sched.reason is not None or sched.batched_groups(options.min_group):
+        return sched.reason
+    reason = f"no wavefront has {options.min_group} or more structurally identical cells"
+    partly = cells_partly_in_autocast(grid)
+    if partly:
+        reason += (
+            f" ({len(partly)} cells, e.g. {partly[0]}, run partly inside a torch.autocast region "
+            "(or an autocast(enabled=False) region under ambient autocast): such cells are not batched)"
+        )
+    return reason
+
+
+def _conclude(st: _Stages) -> None:
+    batched = bool(st.rewrite.batched.batched_groups)
+    st.reason = None if batched else (st.reason or "no group could be batched")
+    counters["backend"]["graphs_batched" if batched else "graphs_rolled_unbatched"] += 1
+
+
+@contextlib.contextmanager
+def _fallback(st: _Stages):
+    """A refusal or any surprise: no rewrite, the reason in the report."""
+    try:
+        yield
+    except NotBatchable as e:
+        st.rewrite, st.reason = None, e.reason
+        counters["backend"]["graphs_not_batched"] += 1
+    except Exception as e:  # noqa: BLE001 - any surprise means: do not rewrite
+        # one line naming the cause; the traceback only under TORCH_LOGS="+diagpass"
+        st.rewrite, st.reason = None, f"{INTERNAL_ERROR}: {logs.first_line(e)}"
+        counters["backend"]["graphs_fallback_error"] += 1
+        log.warning("diagpass: %s", st.reason, exc_info=log.isEnabledFor(logging.DEBUG))
+
+
+def _lifted(gm: fx.GraphModule, grid: CellGrid, options: Options) -> Optional[LiftedStacks]:
+    try:
+        lifted = lift_weight_stacks(gm, _roles(grid))
+        return None if lifted is None else dataclasses.replace(lifted, gm=lower(lifted.gm, options.inner))
+    except Exception as e:  # noqa: BLE001 - an optimisation: never worth a crash
+        log.warning("diagpass: weight stacks not lifted (%s); weights are copied per call",
+                    logs.first_line(e), exc_info=log.isEnabledFor(logging.DEBUG))
+        return None
+
+
+def _copying_does_not_pay(st: _Stages, example_inputs) -> bool:
+    """The cost rule (``passes/cost.py``): CPU, Inductor, layer weights a batched
+    call would copy, and a copy too large for the work batched."""
+    opts = st.options
+    if not opts.cost_model or opts.roll or opts.inner != "inductor":
+        return False
+    tensors = [a for a in example_inputs if isinstance(a, torch.Tensor)]
+    if not tensors or any(a.device.type != "cpu" for a in tensors):
+        return False
+    if st.cost.bytes_per_flop <= CPU_COPY_BYTES_PER_FLOP:
+        return False
+    if st.weight_inputs is None:
+        return True  # no stacked-views variant with symbolic shapes: always the copy
+    return stacked_views_at(example_inputs, st.weight_inputs) is None
+
+
+def _roles(grid: CellGrid) -> List[str]:
+    return sorted(set(grid.stack.param_role.values()))
+
+
+def _weight_input_indices(gm: fx.GraphModule, grid: CellGrid) -> List[List[int]]:
+    """Input positions of the layer weights, one list per role (``q_proj.weight`` of every layer...)."""
+    position = {p.name: i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))}
+    return [[position[p.name] for p in grid.stack.by_role(role)] for role in _roles(grid)]
+
+
+def _static(gm: fx.GraphModule, example_inputs) -> bool:
+    """Real inputs and no symbolic sizes: a graph compiled later on real
+    arguments is then the graph Dynamo would have had compiled."""
+    if example_inputs is None or not all(isinstance(a, torch.Tensor) for a in example_inputs):
+        return False
+    for node in gm.graph.find_nodes(op="placeholder"):
+        v = example_value(node)
+        if isinstance(v, torch.Tensor) and not all(isinstance(d, int) for d in v.shape):
+            return False
+    return True
+
+
+def _thaw(plan: Plan) -> _Stages:
+    return _Stages(
+        plan.gm, plan.options, plan.report.writes_functionalized, plan.grid, plan.cell_graph,
+        plan.schedule, plan.cost, plan.rewrite, plan.weight_inputs, plan.cost_refused, plan.report.reason,
+    )
+
+
+def _freeze(st: _Stages) -> Plan:
+    return Plan(
+        st.gm, st.options, _report(st), st.grid, st.cell_graph, st.schedule, st.cost,
+        st.rewrite, st.weight_inputs, st.cost_refused,
+    )
+
+
+def _report(st: _Stages) -> GraphReport:
+    """The report, filled from the stage results in one place."""
+    r = GraphReport(num_nodes=len(st.gm.graph.nodes), reason=st.reason)
+    r.writes_functionalized = st.writes_functionalized
+    r.timings["passes_s"] = st.seconds
+    if st.grid is not None:
+        r.num_segments, r.num_layers = st.grid.num_segments, st.grid.num_layers
+    if st.cost is not None:
+        r.cost, r.bytes_per_flop = st.cost.describe(), st.cost.bytes_per_flop
+    if st.cell_graph is not None:
+        r.dependence_vectors = sorted(st.cell_graph.vectors)
+    if st.schedule is not None:
+        s = st.schedule
+        r.wavefronts = [list(w.cells) for w in s.wavefronts]
+        r.groups = [[list(g.cells) for g in w.groups] for w in s.wavefronts]
+        r.closed_form = str(s.closed_form) if s.closed_form is not None else None
+        r.time_function = str(s.time_function) if s.time_function is not None else None
+    if st.rewrite is not None:
+        r.batched_groups = [list(g.cells) for g in st.rewrite.batched.batched_groups]
+        r.batched = bool(r.batched_groups)
+    if st.cost_refused:
+        r.weight_inputs = st.weight_inputs
+    return r
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """The passes allocate many small tuples (cell signatures) next to a heap
+    of FX nodes and fake tensors: cyclic GC passes over that heap made the
+    signatures several times slower at large S. Nothing the passes build is
+    cyclic garbage worth collecting mid-pass."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
