@@ -16,7 +16,7 @@ alone, so a group can be run without vmap:
   own, only that composite one), runs under vmap, where its linears batch.
 
 The table is the only place an op is declared row-wise; each entry is checked
-by ``tests/test_unbatchable_ops.py`` (folded call == per-row calls, and the
+by ``tests/runtime/test_row_wise.py`` (folded call == per-row calls, and the
 decomposition == the op). An op not in the table is left to vmap; if vmap
 cannot batch it, the batch pass leaves that group unbatched.
 """
