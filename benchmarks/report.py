@@ -11,6 +11,7 @@ MODE_NAMES = {
     "inductor_bl": "Inductor sequential + Optimus batch_linear (pre+post grad)",
     "diagonal": "diagonal (Inductor)",
     "diag_stacked": "diagonal (Inductor), weights stored stacked",
+    "diag_cached": "diagonal (Inductor), cache_weight_stacks",
     "diag_aot": "diagonal (aot_eager)",
     "rolled": "diagonal rolled (Inductor kernels, compiled once)",
     "seq_rolled": "sequential rolled (one cell per kernel call)",

@@ -14,7 +14,7 @@ import torch
 from .configs import Point
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-ALL_MODES = ["eager", "inductor", "inductor_bl", "diagonal", "diag_stacked", "rolled", "seq_rolled", "diag_aot",
+ALL_MODES = ["eager", "inductor", "inductor_bl", "diagonal", "diag_stacked", "diag_cached", "rolled", "seq_rolled", "diag_aot",
              "bound", "base_eager", "base_inductor"]
 QUICK_MODES = ["eager", "inductor", "diagonal", "diag_stacked", "base_eager"]
 DEFAULT_MODES = ["eager", "inductor", "inductor_bl", "diagonal", "diag_stacked", "bound", "base_eager",
@@ -103,6 +103,8 @@ def make_fn(mode: str, model) -> Callable:
                          BATCH_LINEAR_CONFIG)
     elif mode in ("diagonal", "diag_stacked"):
         f = torch.compile(model, backend="diagonal", options={"inner": "inductor"})
+    elif mode == "diag_cached":  # weights stacked once and kept between calls (one more copy of them)
+        f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "cache_weight_stacks": True})
     elif mode == "rolled":
         f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "roll": True})
     elif mode == "seq_rolled":  # same host loop, one cell per kernel call: isolates batching

@@ -27,6 +27,7 @@ from diagpass.pipeline import Plan
 from diagpass.report import record
 from diagpass.runtime.dispatch import GraphDispatch, Lazy, verified
 from diagpass.runtime.inner import inner_compile
+from diagpass.weights import WeightStackCache
 
 
 def diagonal_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, **kwargs):
@@ -53,8 +54,9 @@ def _compile(plan: Plan, example_inputs) -> Callable:
             return copying(example_inputs)
         stacked = Lazy(lambda full: _compile_rewritten(plan.rewrite.stacked.gm, full, plan.options),
                        counter="stacked_graphs_compiled")
-        dispatch = GraphDispatch(plan.weight_inputs, stacked, copying=copying)
-        if dispatch.views(example_inputs) is None:
+        cache = WeightStackCache() if plan.options.cache_weight_stacks else None
+        dispatch = GraphDispatch(plan.weight_inputs, stacked, copying=copying, cache=cache)
+        if dispatch.views(example_inputs) is None and cache is None:
             copying(example_inputs)
         # else the stacked variant compiles on its first call, outside Dynamo's tracing
         # context: its extra inputs (views of the stored stacks) are no graph inputs of

@@ -24,6 +24,13 @@ class Options:
     roll:      compile each distinct batched step once (cached across graphs
                and segment counts) and run the schedule as a host loop, glue
                eager; compile cost independent of the number of segments.
+    cache_weight_stacks: keep the layer weights' stacks between calls instead
+               of stacking (copying) them on every call, rebuilt when any of
+               those parameters changes (version counter, storage). Costs one
+               more copy of the layer weights in memory, which is why it is
+               off unless asked for; ``diagpass.stack_weights_`` gets the same
+               without the copy. Inference only: a call that needs gradients
+               for the weights stacks them as before.
     """
 
     inner: str = "inductor"
@@ -34,6 +41,7 @@ class Options:
     enabled: bool = True
     roll: bool = False
     cost_model: bool = True
+    cache_weight_stacks: bool = False
 
     @classmethod
     def from_dict(cls, options: Optional[dict]) -> "Options":

@@ -13,7 +13,7 @@
     check         the lowered graph traced on fake tensors
     stacked       the variant reading stored weight stacks        LiftedStacks
 
-``run`` does them in order (``analysis`` then ``rewrite``). A stage that cannot
+``run`` does them in order; ``rewrite`` is the stages after ``decide``. A stage that cannot
 prove its step safe raises ``NotBatchable``; ``run`` catches it, and any other
 exception, and returns a plan without a rewrite whose report says why: the
 backend then compiles Dynamo's graph unchanged. When only the cost rule said
@@ -28,6 +28,7 @@ import dataclasses
 import gc
 import logging
 import time
+import types
 from typing import List, Optional, Tuple
 
 import torch
@@ -98,49 +99,42 @@ class Plan:
     cost_refused: bool = False
 
 
-@dataclasses.dataclass
-class _Stages:
-    """The stage results while the pipeline runs; frozen into a ``Plan``."""
+class _Stages(types.SimpleNamespace):
+    """The stage results while the pipeline runs (``Plan``'s fields but the
+    report, plus what the report needs); frozen into a ``Plan`` at the end."""
 
-    gm: fx.GraphModule
-    options: Options
-    writes_functionalized: int = 0
-    grid: Optional[CellGrid] = None
-    cell_graph: Optional[CellGraph] = None
-    schedule: Optional[Schedule] = None
-    cost: Optional[BatchingCost] = None
-    rewrite: Optional[Rewrite] = None
-    weight_inputs: Optional[List[List[int]]] = None
-    cost_refused: bool = False
-    reason: Optional[str] = None
-    seconds: float = 0.0
+    def __init__(self, gm: fx.GraphModule, options: Options, **given):
+        fields = {f.name: f.default for f in dataclasses.fields(Plan) if f.name not in ("gm", "options", "report")}
+        super().__init__(**{**fields, "writes_functionalized": 0, "reason": None, "seconds": 0.0, **given},
+                         gm=gm, options=options)
 
 
 def run(gm: fx.GraphModule, options: Options, example_inputs=None) -> Plan:
-    """All stages. With the real ``example_inputs`` (the backend has them,
-    ``explain`` does not) the cost rule is applied too."""
+    """All stages, in order. With the real ``example_inputs`` (the backend has
+    them, ``explain`` does not) the cost rule is applied too."""
     st = _Stages(gm, options)
     t0 = time.perf_counter()
     with _gc_paused(), _fallback(st):
-        analysis(st, example_inputs)
+        prepared, st.writes_functionalized = prepare(gm, options)
+        st.grid = check_stage("partition", partition(prepared))
+        st.cost = estimate_cost(st.grid)
+        st.cell_graph = check_stage("dependence", build_cell_graph(st.grid), st.grid)
+        st.schedule = check_stage("schedule", schedule(st.grid, st.cell_graph), st.grid, st.cell_graph)
+        decide(st, example_inputs)  # NotBatchable: nothing to batch, or the cost rule says no
         st.rewrite = rewrite(st.grid, st.cell_graph, st.schedule, options, _static(gm, example_inputs))
         _conclude(st)
     st.seconds = time.perf_counter() - t0
     return _freeze(st)
 
 
-def analysis(st: _Stages, example_inputs) -> None:
-    """prepare -> partition -> cost -> dependence -> schedule -> decide."""
+def decide(st: _Stages, example_inputs) -> None:
+    """Whether to batch at all: the schedule has groups of ``min_group`` cells
+    (``roll`` rewrites anyway: each distinct cell then compiles once), and on
+    CPU with copied weights the cost rule (``passes/cost.py``) agrees."""
     options = st.options
-    prepared = prepare(st.gm, options)
-    st.writes_functionalized = prepared[1]
-    st.grid = check_stage("partition", partition(prepared[0]))
-    st.cost = estimate_cost(st.grid)
-    st.cell_graph = check_stage("dependence", build_cell_graph(st.grid), st.grid)
-    st.schedule = check_stage("schedule", schedule(st.grid, st.cell_graph), st.grid, st.cell_graph)
     st.reason = _why_not(st.grid, st.schedule, options)
     if st.reason is not None and not options.roll:
-        raise NotBatchable(st.reason)  # roll rewrites anyway: each distinct cell compiles once
+        raise NotBatchable(st.reason)
     if example_inputs is not None and _static(st.gm, example_inputs):
         st.weight_inputs = _weight_input_indices(st.gm, st.grid)
     if example_inputs is not None and _copying_does_not_pay(st, example_inputs):
@@ -192,7 +186,8 @@ def rewrite(grid: CellGrid, graph: CellGraph, sched: Schedule, options: Options,
 def rewrite_when_stacked(plan: Plan) -> Plan:
     """The stages after ``decide`` for a plan the cost rule left sequential, on the
     first call whose weights are stored stacked; the report is a new one."""
-    st = dataclasses.replace(_thaw(plan), cost_refused=False, reason=None)
+    st = _thaw(plan)
+    st.cost_refused, st.reason = False, None
     t0 = time.perf_counter()
     with _gc_paused(), _fallback(st):
         st.rewrite = rewrite(plan.grid, plan.cell_graph, plan.schedule, plan.options, static=True)
@@ -255,6 +250,8 @@ def _copying_does_not_pay(st: _Stages, example_inputs) -> bool:
     opts = st.options
     if not opts.cost_model or opts.roll or opts.inner != "inductor":
         return False
+    if opts.cache_weight_stacks and st.weight_inputs is not None:
+        return False  # stacked once, not per call
     tensors = [a for a in example_inputs if isinstance(a, torch.Tensor)]
     if not tensors or any(a.device.type != "cpu" for a in tensors):
         return False
@@ -288,17 +285,13 @@ def _static(gm: fx.GraphModule, example_inputs) -> bool:
 
 
 def _thaw(plan: Plan) -> _Stages:
-    return _Stages(
-        plan.gm, plan.options, plan.report.writes_functionalized, plan.grid, plan.cell_graph,
-        plan.schedule, plan.cost, plan.rewrite, plan.weight_inputs, plan.cost_refused, plan.report.reason,
-    )
+    given = {f.name: getattr(plan, f.name) for f in dataclasses.fields(Plan) if f.name not in ("gm", "options", "report")}
+    return _Stages(plan.gm, plan.options, **given, writes_functionalized=plan.report.writes_functionalized)
 
 
 def _freeze(st: _Stages) -> Plan:
-    return Plan(
-        st.gm, st.options, _report(st), st.grid, st.cell_graph, st.schedule, st.cost,
-        st.rewrite, st.weight_inputs, st.cost_refused,
-    )
+    given = {f.name: getattr(st, f.name) for f in dataclasses.fields(Plan) if f.name != "report"}
+    return Plan(**given, report=_report(st))
 
 
 def _report(st: _Stages) -> GraphReport:

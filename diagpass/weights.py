@@ -8,9 +8,12 @@ See ``diagpass/passes/stacked_weights.py`` for the graph variant this feeds.
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Sequence
 
 import torch
+
+from diagpass.counters import counters
 
 
 def stacked_view(params: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -51,6 +54,39 @@ def stacked_views(groups: Sequence[Sequence[torch.Tensor]]) -> Optional[list]:
 def stacked_views_at(args: Sequence, indices: Sequence[Sequence[int]]) -> Optional[list]:
     """``stacked_views`` of the parameters at ``indices`` (one list of input positions per role)."""
     return stacked_views([[args[i] for i in idx] for idx in indices])
+
+
+class WeightStackCache:
+    """``torch.stack`` of each group of parameters, kept between calls while
+    every parameter is the same live tensor (held by weak reference: a freed
+    model's addresses may be reused) with the same storage and version counter
+    (an optimizer step, ``load_state_dict`` or ``p.data = ...`` all change one
+    of them). Only when no gradient flows into the parameters: a kept stack
+    would route none back to them."""
+
+    def __init__(self):
+        self.refs: list = []
+        self.key: Optional[tuple] = None
+        self.stacks: Optional[list] = None
+
+    def stacks_for(self, groups: Sequence[Sequence[torch.Tensor]]) -> Optional[list]:
+        params = [p for g in groups for p in g]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return None
+        try:
+            key = tuple((p.untyped_storage().data_ptr(), p.storage_offset(), p._version) for p in params)
+        except RuntimeError:  # inference tensors keep no version counter: nothing proves a stack current
+            return None
+        same = len(self.refs) == len(params) and all(r() is p for r, p in zip(self.refs, params))
+        if not same or key != self.key:
+            with torch.no_grad():
+                self.stacks = [torch.stack([p.detach() for p in g]) for g in groups]
+            self.refs, self.key = [weakref.ref(p) for p in params], key
+            counters["stacked_weights"]["cached_stacks_built"] += 1
+        return self.stacks
+
+    def stacks_at(self, args: Sequence, indices: Sequence[Sequence[int]]) -> Optional[list]:
+        return self.stacks_for([[args[i] for i in idx] for idx in indices])
 
 
 def stack_weights_(layers: torch.nn.Module) -> int:

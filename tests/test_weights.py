@@ -128,3 +128,42 @@ def test_gqa_with_weights_stored_stacked_compiles_batches_and_matches():
     report = assert_equivalent(model, ids, options={"inner": "aot_eager", "cost_model": False}, expect_batched=True)
     assert report.graphs[0].num_wavefronts == 4 + 3 - 1
     assert diagpass.counters["stacked_weights"]["stacked_graphs_compiled"] == before + 1
+
+
+def test_cached_stacks_serve_inference_and_follow_every_weight_update():
+    """cache_weight_stacks: stacked once, reused, rebuilt after an in-place update
+    (a stale stack would give the old weights' output)."""
+    model = _model(stacked=False)
+    ids = _ids()
+    compiled = torch.compile(model, backend="diagonal", options={"inner": "aot_eager", "cache_weight_stacks": True})
+    c = diagpass.counters["stacked_weights"]
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(compiled(ids), model(ids), rtol=1e-5, atol=1e-5)
+        assert c["cached_stacks_built"] == 1 and c["cached_stack_calls"] == 2 and c["copying_calls"] == 0
+        model.layers[1].layer.self_attn.q_proj.weight.mul_(1.5)  # version counter moves
+        expected = model(ids)
+        torch.testing.assert_close(compiled(ids), expected, rtol=1e-5, atol=1e-5)
+        assert c["cached_stacks_built"] == 2
+        model.layers[2].layer.mlp.up_proj.weight.data = torch.randn_like(model.layers[2].layer.mlp.up_proj.weight)
+        torch.testing.assert_close(compiled(ids), model(ids), rtol=1e-5, atol=1e-5)  # new storage
+        assert c["cached_stacks_built"] == 3
+    assert diagpass.reports()[-1].batched
+
+
+def test_cached_stacks_are_not_used_when_gradients_flow_into_the_weights():
+    """A call that needs weight gradients stacks per call: the same graph, so the
+    same gradients bit for bit as without the option."""
+    ids = _ids()
+    grads = []
+    for cache in (True, False):
+        model = _model(stacked=False)
+        compiled = torch.compile(model, backend="diagonal", options={"inner": "eager", "cache_weight_stacks": cache})
+        compiled(ids).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+        torch._dynamo.reset()
+    assert grads[0].keys() == grads[1].keys() and all(g is not None for g in grads[0].values())
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=0, atol=0)
+    c = diagpass.counters["stacked_weights"]
+    assert c["copying_calls"] == 2 and c["cached_stack_calls"] == 0 and c["cached_stacks_built"] == 0

@@ -9,8 +9,11 @@ Three variants of one graph, each compiled on its first use:
 - ``sequential``: Dynamo's graph unchanged.
 
 A call whose weights are stored stacked, with no gradient flowing into them,
-runs ``stacked``; any other call runs ``copying`` when there is one, else
-``sequential`` (the cost rule left the graph sequential for copied weights).
+runs ``stacked`` on views of the stored stacks; with a ``WeightStackCache``
+(``options={'cache_weight_stacks': True}``) such a call whose weights are not
+stored stacked runs ``stacked`` too, on stacks kept between calls. Any other
+call runs ``copying`` when there is one, else ``sequential`` (the cost rule
+left the graph sequential for copied weights).
 Dynamo does not guard on storage, so the same compiled frame serves a model
 before and after ``stack_weights_``, and another instance of the class.
 """
@@ -23,7 +26,7 @@ import torch
 
 from diagpass.counters import counters
 from diagpass.errors import DiagonalMismatch
-from diagpass.weights import stacked_views_at
+from diagpass.weights import WeightStackCache, stacked_views_at
 
 
 class Lazy:
@@ -45,19 +48,33 @@ class GraphDispatch:
     in the order of ``stacked``'s trailing inputs."""
 
     def __init__(self, weight_inputs: List[List[int]], stacked: Lazy,
-                 copying: Optional[Lazy] = None, sequential: Optional[Lazy] = None):
+                 copying: Optional[Lazy] = None, sequential: Optional[Lazy] = None,
+                 cache: Optional[WeightStackCache] = None):
         assert (copying is None) != (sequential is None)
         self.weight_inputs = weight_inputs
         self.stacked, self.copying, self.sequential = stacked, copying, sequential
+        self.cache = cache
 
     def views(self, args) -> Optional[list]:
         return stacked_views_at(args, self.weight_inputs)
 
-    def __call__(self, *args):
+    def stacks(self, args) -> Optional[list]:
+        """What ``stacked`` would read for ``args``: views, or kept stacks; None: neither."""
         views = self.views(args)
         if views is not None:
             counters["stacked_weights"]["view_calls"] += 1
-            full = (*args, *views)
+            return views
+        if self.cache is None:
+            return None
+        stacks = self.cache.stacks_at(args, self.weight_inputs)
+        if stacks is not None:
+            counters["stacked_weights"]["cached_stack_calls"] += 1
+        return stacks
+
+    def __call__(self, *args):
+        stacks = self.stacks(args)
+        if stacks is not None:
+            full = (*args, *stacks)
             return self.stacked(full)(*full)
         if self.copying is not None:
             counters["stacked_weights"]["copying_calls"] += 1

@@ -18,33 +18,12 @@ from diagpass.passes.schedule import schedule
 from diagpass.runtime.lower import lower
 
 from tests.helpers import dynamo_graph
+from tests.passes.conftest import PerLayerMemory
 
 
-class MemLayer(nn.Module):
-    def __init__(self, d=8):
-        super().__init__()
-        self.w, self.m = nn.Linear(d, d), nn.Linear(d, d)
-
-    def forward(self, x, mem):
-        x = x + torch.tanh(self.w(x) + mem)
-        return x, mem + self.m(x).mean(1, keepdim=True)
-
-
-class Net(nn.Module):
+def Net():
     """Per-layer memory, 2 layers; 4 segments of 4 tokens below."""
-
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.ModuleList(MemLayer() for _ in range(2))
-
-    def forward(self, x):
-        mems = [torch.zeros(x.shape[0], 1, 8) for _ in self.layers]
-        outs = []
-        for seg in x.split(4, dim=1):
-            for l, layer in enumerate(self.layers):
-                seg, mems[l] = layer(seg, mems[l])
-            outs.append(seg)
-        return torch.cat(outs, 1)
+    return PerLayerMemory(layers=2)
 
 
 @pytest.fixture(autouse=True)

@@ -17,10 +17,13 @@ class MemLayer(nn.Module):
 
 
 class PerLayerMemory(nn.Module):
-    def __init__(self, layers=2, d=8, segment=4):
+    """Segments of ``segment`` tokens through ``layers`` layers, each with its own
+    memory carried to the next segment; ``layer`` builds one layer from ``d``."""
+
+    def __init__(self, layers=2, d=8, segment=4, layer=MemLayer):
         super().__init__()
         self.segment = segment
-        self.layers = nn.ModuleList(MemLayer(d) for _ in range(layers))
+        self.layers = nn.ModuleList(layer(d) for _ in range(layers))
 
     def forward(self, x):
         mems = [torch.zeros(x.shape[0], 1, x.shape[-1]) for _ in self.layers]

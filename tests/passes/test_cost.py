@@ -68,6 +68,7 @@ def test_copying_tiny_model_on_cpu_does_not_pay_unless_told_or_stacked(monkeypat
     assert not _refused(gm, inputs, Options(cost_model=False))
     assert not _refused(gm, inputs, Options(inner="aot_eager"))
     assert not _refused(gm, inputs, Options(roll=True))
+    assert not _refused(gm, inputs, Options(cache_weight_stacks=True))  # stacked once, not per call
     assert analyze(gm, Options())[0] is not None  # explain's call: no inputs, no decision
     with monkeypatch.context() as m:  # a model with more work per weight byte
         m.setattr(diagpass.pipeline, "CPU_COPY_BYTES_PER_FLOP", 1.0)

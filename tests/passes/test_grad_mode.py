@@ -7,6 +7,7 @@ import diagpass
 from diagpass.fx_facts import copy_graph_module
 from diagpass.passes.grad_mode import detach_no_grad_regions, has_grad_mode_switches
 from diagpass.testing import assert_equivalent
+from tests.passes.conftest import PerLayerMemory
 
 from .graph_text import render
 
@@ -24,19 +25,9 @@ class GatedLayer(nn.Module):
         return x, gate * mem + (1 - gate) * upd
 
 
-class Net(nn.Module):
+class Net(PerLayerMemory):
     def __init__(self, layers=3):
-        super().__init__()
-        self.layers = nn.ModuleList(GatedLayer() for _ in range(layers))
-
-    def forward(self, x):
-        mems = [torch.zeros(x.shape[0], 1, 8) for _ in self.layers]
-        outs = []
-        for seg in x.split(4, dim=1):
-            for l, layer in enumerate(self.layers):
-                seg, mems[l] = layer(seg, mems[l])
-            outs.append(seg)
-        return torch.cat(outs, 1)
+        super().__init__(layers=layers, layer=GatedLayer)
 
 
 def test_no_grad_region_is_detached_and_batched():
