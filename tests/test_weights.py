@@ -52,7 +52,7 @@ def test_stacked_view_refuses_anything_else():
     assert stacked_view([big[0], big[1]]).shape == (2, 4, 4)
 
 
-@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+@pytest.mark.parametrize("inner", ["eager", pytest.param("aot_eager", marks=pytest.mark.slow)])
 def test_inference_reads_views_and_matches(inner):
     model = _model()
     assert_equivalent(model, _ids(), options={"inner": inner}, expect_batched=True)
@@ -86,6 +86,7 @@ def test_broken_layout_after_compile_falls_back_to_copying():
     assert c["view_calls"] == 1 and c["copying_calls"] == 1
 
 
+@pytest.mark.slow
 def test_optimizer_steps_keep_the_layout_and_training_copies():
     model = _model(arch="gpt2")
     ids = _ids(S=5, batch=2)

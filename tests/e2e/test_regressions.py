@@ -37,6 +37,7 @@ def test_detach_feeding_back_into_its_producer_stays_in_the_cell():
     assert "not self-contained" not in (report.graphs[0].reason or "")
 
 
+@pytest.mark.slow
 def test_fp64_oracle_copies_models_that_keep_state_in_attributes():
     """Found by the 5,040-model thorough run: with memory kept in module
     attributes (``state_in_attributes``), gradients 3e-5 off eager fp32 sent

@@ -43,8 +43,8 @@ def _memory_params(model):
 CASES = [
     ("llama", 4, 2, 1, None),
     ("llama", 6, 3, 2, 2),
-    ("gpt2", 6, 2, 2, None),
-    ("gpt2", 4, 3, 1, 1),
+    pytest.param("gpt2", 6, 2, 2, None, marks=pytest.mark.slow),
+    pytest.param("gpt2", 4, 3, 1, 1, marks=pytest.mark.slow),
     ("gpt2", 4, 2, 1, 3),
 ]
 

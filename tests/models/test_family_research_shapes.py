@@ -51,6 +51,7 @@ def test_research_code_shapes_batch_exactly(kind, shape):
         assert diagpass.counters["batch"]["constants_lifted"] - lifted >= len(graph.batched_groups)
 
 
+@pytest.mark.slow
 def test_research_code_shapes_train_exactly():
     # without per_layer_scale: its gradients are checked in tests/passes/test_constants.py, and
     # here they sent the comparison to the slow float64 oracle (108 s instead of 16 s)

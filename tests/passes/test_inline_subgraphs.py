@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import diagpass
@@ -131,6 +132,7 @@ def test_marked_armt_batches_exactly_as_unmarked():
     assert got.batched_groups == expected.batched_groups
 
 
+@pytest.mark.slow
 def test_marked_armt_gradients_through_aot():
     model = build_armt("gpt2", num_layers=3, segment_size=8, num_mem_tokens=2, d_mem=8)
     randomize_memory_(model)

@@ -27,7 +27,7 @@ def _model():
     return model
 
 
-@pytest.mark.parametrize("inner", ["eager", "aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("inner", ["eager", pytest.param("aot_eager", marks=pytest.mark.slow), pytest.param("inductor", marks=pytest.mark.slow)])
 def test_roll_equals_eager_with_gradients(inner):
     clear_kernel_cache()
     model = _model()
