@@ -47,14 +47,16 @@ def diagonal_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict]
 
 
 def _compile(plan: Plan, example_inputs) -> Callable:
-    """Compile now what these inputs run; the other variants on their first call."""
-    if plan.rewrite is not None:
-        copying = Lazy(lambda args: _compile_rewritten(plan.rewrite.gm, args, plan.options))
-        if plan.rewrite.stacked is None:
+    """Compile now what these inputs run; the other variants on their first call.
+    The closures keep the compiled graphs, not the plan (grid, schedule, IR)."""
+    rewrite, options = plan.rewrite, plan.options
+    if rewrite is not None:
+        copying = Lazy(lambda args: _compile_rewritten(rewrite.gm, args, options))
+        if rewrite.stacked is None:
             return copying(example_inputs)
-        stacked = Lazy(lambda full: _compile_rewritten(plan.rewrite.stacked.gm, full, plan.options),
+        stacked = Lazy(lambda full: _compile_rewritten(rewrite.stacked.gm, full, options),
                        counter="stacked_graphs_compiled")
-        cache = WeightStackCache() if plan.options.cache_weight_stacks else None
+        cache = WeightStackCache() if options.cache_weight_stacks else None
         dispatch = GraphDispatch(plan.weight_inputs, stacked, copying=copying, cache=cache)
         if dispatch.views(example_inputs) is None and cache is None:
             copying(example_inputs)

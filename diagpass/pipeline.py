@@ -38,10 +38,9 @@ from diagpass import logs
 from diagpass.counters import counters
 from diagpass.errors import NotBatchable
 from diagpass.fx_facts import copy_graph_module, example_value
-from diagpass.ir import CellGraph, CellGrid, Schedule
+from diagpass.ir import CellGraph, CellGrid, Group, Schedule
 from diagpass.ir.invariants import check_stage
 from diagpass.ir.meta import AUTOCAST
-from diagpass.ir.rewrite import BatchedGraph
 from diagpass.options import Options
 from diagpass.passes.autocast import (
     drop_noop_autocast_regions,
@@ -72,12 +71,14 @@ INTERNAL_ERROR = "internal error in the pass, graph left unchanged"
 @dataclasses.dataclass(frozen=True)
 class Rewrite:
     """The rewritten graph, lowered (``gm``: layer weights stacked per call),
-    its variant reading stored weight stacks (static shapes only), and the
-    batch pass's IR result (which groups batched, which did not trace)."""
+    its variant reading stored weight stacks (static shapes only), and what
+    the batch pass reported: which groups batched, which did not trace. (The
+    batch pass's IR graph is not kept: the compiled graphs outlive the plan.)"""
 
     gm: fx.GraphModule
     stacked: Optional[LiftedStacks]
-    batched: BatchedGraph
+    batched_groups: Tuple[Group, ...]
+    unbatchable: Tuple[Tuple[str, str], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +181,7 @@ def rewrite(grid: CellGrid, graph: CellGraph, sched: Schedule, options: Options,
     for where, cause in batched.unbatchable:  # the other groups batched: one line per cause
         log.info("diagpass: %s runs cell by cell: its batched call does not trace (%s)", where, cause)
     stacked = _lifted(gm, grid, options) if static else None
-    return Rewrite(lowered, stacked, batched)
+    return Rewrite(lowered, stacked, batched.batched_groups, batched.unbatchable)
 
 
 def rewrite_when_stacked(plan: Plan) -> Plan:
@@ -214,7 +215,7 @@ def _why_not(grid: CellGrid, sched: Schedule, options: Options) -> Optional[str]
 
 
 def _conclude(st: _Stages) -> None:
-    batched = bool(st.rewrite.batched.batched_groups)
+    batched = bool(st.rewrite.batched_groups)
     st.reason = None if batched else (st.reason or "no group could be batched")
     counters["backend"]["graphs_batched" if batched else "graphs_rolled_unbatched"] += 1
 
@@ -312,7 +313,7 @@ def _report(st: _Stages) -> GraphReport:
         r.closed_form = str(s.closed_form) if s.closed_form is not None else None
         r.time_function = str(s.time_function) if s.time_function is not None else None
     if st.rewrite is not None:
-        r.batched_groups = [list(g.cells) for g in st.rewrite.batched.batched_groups]
+        r.batched_groups = [list(g.cells) for g in st.rewrite.batched_groups]
         r.batched = bool(r.batched_groups)
     if st.cost_refused:
         r.weight_inputs = st.weight_inputs

@@ -152,7 +152,8 @@ def test_warns_before_dynamo_recompile_limit(caplog):
     assert "recompile_limit" in caplog.text
 
 
-@pytest.mark.parametrize("roll", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("roll", [False, True])
 def test_dynamic_batch_size_still_batches(roll):
     """A second batch size makes Dynamo trace with a symbolic batch dim."""
     model = build_armt("llama", num_layers=3, segment_size=8, num_mem_tokens=2, d_mem=8)

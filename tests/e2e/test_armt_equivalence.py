@@ -72,6 +72,7 @@ def test_armt_gpt2_inductor():
     _check("gpt2", L + 1, 1, False, inner="inductor")
 
 
+@pytest.mark.slow
 def test_armt_aot_eager_gradients():
     model = _model("llama")
     report = assert_equivalent(

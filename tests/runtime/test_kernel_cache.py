@@ -41,7 +41,8 @@ def test_roll_equals_eager_with_gradients(inner):
     assert 0 < roll["kernels_compiled"] <= 8
 
 
-@pytest.mark.parametrize("inner", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
 def test_new_segment_count_compiles_no_new_step(inner):
     """S = 4 has groups of at most 2 middle cells (segments 1, 2); S = 6 and
     S = 10 have groups of 3 and 4: the kernel compiled for a symbolic group
