@@ -35,7 +35,7 @@ CHILD = textwrap.dedent(
     import json, os, sys, time, statistics, torch
     torch.set_num_threads(int(os.environ.get("DIAGPASS_BENCH_THREADS", "1")))
     from diagpass.models.armt import build_armt, randomize_memory_
-    from diagpass import backend
+    import diagpass
     S, L, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     torch.manual_seed(0)
     model = build_armt("llama", num_layers=L, segment_size=8, num_mem_tokens=2, d_mem=8)
@@ -43,7 +43,6 @@ CHILD = textwrap.dedent(
     ids = torch.randint(0, 128, (1, 8 * S))
     opts = {"sequential": {"enabled": False}, "diagonal": {}, "rolled": {"roll": True}, "regions": {"roll": True}}[mode]
     if mode == "regions":
-        import diagpass
         diagpass.mark_compile_regions(layer.layer for layer in model.layers)
     fast = torch.compile(model, backend="diagonal", options=opts)
     with torch.no_grad():

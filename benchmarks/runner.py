@@ -139,7 +139,7 @@ def _timed(fn, x, device) -> float:
 
 
 def _diag_report() -> dict:
-    from diagpass import backend
+    import diagpass
     if not diagpass.reports():
         return {}
     r = diagpass.reports()[-1]

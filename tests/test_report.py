@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import diagpass
-from diagpass import backend
 from diagpass.report import GraphReport
 from tests.passes.conftest import PerLayerMemory
 

@@ -12,7 +12,6 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 import diagpass
-from diagpass import backend
 from diagpass.testing import assert_equivalent
 
 D, SEG, S, L = 16, 4, 5, 3

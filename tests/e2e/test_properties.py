@@ -30,7 +30,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import diagpass
-from diagpass import backend as _backend
 from diagpass.models.family import MEMORY_KINDS, cell_schedule, num_segments
 from diagpass.testing import assert_equivalent, assert_fp32_within_noise_floor, float64_copy
 from diagpass.testing_strategies import DTYPE_TOLERANCES, layer_major_with_memory_outside, rmt_models

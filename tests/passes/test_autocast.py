@@ -6,7 +6,6 @@ import torch
 import torch.nn as nn
 
 import diagpass
-from diagpass import backend
 from diagpass.passes.autocast import drop_noop_autocast_regions
 from tests.helpers import dynamo_graph
 

@@ -15,7 +15,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import diagpass
-from diagpass import backend
 from diagpass.passes.effects import analyze_effects
 from diagpass.passes.functionalize import assign_item, functionalize
 from diagpass.ir.meta import PRIVATE_WRITE
