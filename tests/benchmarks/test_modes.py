@@ -62,3 +62,15 @@ def test_table_shows_bound_share_and_fusions():
     assert "Optimus: batch_linear x3" in rows[report.MODE_NAMES["inductor_bl"]]
     assert "Optimus: none fired" in rows[report.MODE_NAMES["inductor"]]
     assert rows[report.MODE_NAMES["bound"]].endswith("|  |")
+
+
+def test_compile_modes_records_each_diagonal_report():
+    """The runner's first-call pass on the quick config (no Inductor): every mode runs,
+    and the diagonal modes carry the backend's report (a stale import broke this once)."""
+    from benchmarks import runner
+    from benchmarks.configs import CONFIGS
+
+    point = CONFIGS["quick"].points()[0]
+    fns, res, x = runner.compile_modes(point, ["eager", "diag_aot"], log=lambda *a: None)
+    assert set(fns) == {"eager", "diag_aot"} and "error" not in res["diag_aot"]
+    assert res["diag_aot"]["diag"]["batched"] is True and res["diag_aot"]["diag"]["num_wavefronts"] > 0
