@@ -122,7 +122,7 @@ def run(gm: fx.GraphModule, options: Options, example_inputs=None) -> Plan:
         st.cell_graph = check_stage("dependence", build_cell_graph(st.grid), st.grid)
         st.schedule = check_stage("schedule", schedule(st.grid, st.cell_graph), st.grid, st.cell_graph)
         decide(st, example_inputs)  # NotBatchable: nothing to batch, or the cost rule says no
-        st.rewrite = rewrite(st.grid, st.cell_graph, st.schedule, options, _static(gm, example_inputs))
+        st.rewrite = rewrite(st.grid, st.cell_graph, st.schedule, options, static=st.weight_inputs is not None)
         _conclude(st)
     st.seconds = time.perf_counter() - t0
     return _freeze(st)
@@ -136,7 +136,7 @@ def decide(st: _Stages, example_inputs) -> None:
     st.reason = _why_not(st.grid, st.schedule, options)
     if st.reason is not None and not options.roll:
         raise NotBatchable(st.reason)
-    if example_inputs is not None and _static(st.gm, example_inputs):
+    if _static(st.gm, example_inputs):  # real inputs, no symbolic size: a stacked variant can serve
         st.weight_inputs = _weight_input_indices(st.gm, st.grid)
     if example_inputs is not None and _copying_does_not_pay(st, example_inputs):
         st.cost_refused = True

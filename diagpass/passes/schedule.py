@@ -23,7 +23,7 @@ dtypes, which values leave the cell) up to *which* outside values they read.
 from __future__ import annotations
 
 import operator
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import networkx as nx
 import sympy
@@ -33,7 +33,7 @@ import torch.fx as fx
 from diagpass.counters import counters
 from diagpass.ir.cell_graph import CellGraph
 from diagpass.ir.cells import Cell, CellGrid
-from diagpass.ir.schedule import Group, Schedule, Wavefront
+from diagpass.ir.schedule import ConstantSite, Group, Schedule, Wavefront
 from diagpass.ir.meta import AUTOCAST
 from diagpass.fx_facts import example_value
 
@@ -85,7 +85,7 @@ def constant_sites(node: fx.Node) -> List[Tuple[int, object, torch.dtype]]:
     return sites
 
 
-def cell_constants(cell: Cell) -> List[Tuple[int, int, object, torch.dtype]]:
+def cell_constants(cell: Cell) -> List[ConstantSite]:
     """(node index in the cell, argument position, value, dtype) of every
     liftable constant: cells that differ only in these batch, with them
     stacked as an input (``passes/batch.py``)."""
@@ -98,13 +98,13 @@ def cells_partly_in_autocast(grid: CellGrid) -> List[tuple]:
     return sorted(cid for cid, c in grid.cells.items() if len({n.meta.get(AUTOCAST) for n in c.nodes}) > 1)
 
 
-def cell_signature(cell: Cell, grid: CellGrid, constants_as_slots: bool = False) -> Optional[tuple]:
+def cell_signature(cell: Cell, grid: CellGrid, constant_slots: Sequence[ConstantSite] = ()) -> Optional[tuple]:
     """A hashable description that is equal iff two cells compute the same
-    function of their inputs; None if the cell must never be batched. With
-    ``constants_as_slots`` the liftable constants count as inputs (their
+    function of their inputs; None if the cell must never be batched. The
+    ``constant_slots`` (the cell's ``cell_constants``) count as inputs (their
     values left out): equal then means the same function of inputs and
     those constants."""
-    slotted = {(i, pos): ("const", dt) for i, pos, _, dt in cell_constants(cell)} if constants_as_slots else {}
+    slotted = {(i, pos): ("const", dt) for i, pos, _, dt in constant_slots}
     index = {n: i for i, n in enumerate(cell.nodes)}
     slots = {n: k for k, n in enumerate(cell.inputs)}
 
@@ -196,7 +196,8 @@ def schedule(grid: CellGrid, graph: CellGraph) -> Schedule:
     exact = {cid: cell_signature(cell, grid) for cid, cell in grid.cells.items()}
     # Grouped by the signature with liftable constants as slots: cells that differ
     # only in such constants (a per-layer scale, a per-segment offset) share a group.
-    signatures = {cid: cell_signature(cell, grid, constants_as_slots=True) for cid, cell in grid.cells.items()}
+    constants = {cid: cell_constants(cell) for cid, cell in grid.cells.items()}
+    signatures = {cid: cell_signature(cell, grid, constant_slots=constants[cid]) for cid, cell in grid.cells.items()}
     wavefronts: List[Wavefront] = []
     for t, generation in enumerate(nx.topological_generations(graph.dag)):
         cells = sorted(generation, key=lambda c: (c[1], c[0]))
@@ -210,7 +211,6 @@ def schedule(grid: CellGrid, graph: CellGraph) -> Schedule:
     width = max((len(w.cells) for w in wavefronts), default=0)
     reason = _reason(graph, steps, culprit) if width <= 1 and len(grid.cells) > 1 else None
     counters["schedule"]["wavefronts"] += len(wavefronts)
-    constants = {cid: cell_constants(cell) for cid, cell in grid.cells.items()}
     return Schedule(
         tuple(wavefronts), graph.num_segments, graph.num_layers, exact, constants, steps, time_fn, reason
     )
