@@ -25,6 +25,7 @@ from diagpass.fx_facts import copy_graph_module
 from diagpass.options import Options
 from diagpass.pipeline import Plan
 from diagpass.report import record
+from diagpass.runtime.group_op import compile_glue
 from diagpass.runtime.dispatch import GraphDispatch, Lazy, verified
 from diagpass.runtime.inner import inner_compile
 from diagpass.weights import WeightStackCache
@@ -93,8 +94,19 @@ def _batched_when_stacked(plan: Plan, full_args, sequential: Callable, arity: in
 
 
 def _compile_rewritten(gm: fx.GraphModule, args, opts: Options) -> Callable:
-    # roll: glue runs eagerly, each group compiles its own kernel once
-    return gm.forward if opts.roll else inner_compile(gm, list(args), opts.inner, rewritten=True)
+    if not opts.roll:
+        return inner_compile(gm, list(args), opts.inner, rewritten=True)
+    # roll: each group compiles its own kernel once; the glue runs eagerly, or with
+    # compile_glue compiles too in inference (the group op has no autograd formula)
+    if not opts.compile_glue or opts.inner != "inductor" or _needs_grad(args):
+        return gm.forward
+    # on the first call, outside Dynamo's tracing context (the kernels compile then too)
+    glue = Lazy(lambda real: compile_glue(gm, real, opts.inner) or gm.forward)
+    return lambda *real: glue(real)(*real)
+
+
+def _needs_grad(args) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
 def _warn_near_recompile_limit(gm: fx.GraphModule, reason: Optional[str]) -> None:

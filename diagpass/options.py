@@ -24,6 +24,11 @@ class Options:
     roll:      compile each distinct batched step once (cached across graphs
                and segment counts) and run the schedule as a host loop, glue
                eager; compile cost independent of the number of segments.
+    compile_glue: with ``roll``, in inference, compile the glue too, around
+               the group calls as opaque ops (``runtime/group_op.py``), instead
+               of running it eagerly. On CPU it measured no faster than eager
+               glue (README); it is meant for devices where every eager op is
+               a kernel launch.
     cache_weight_stacks: keep the layer weights' stacks between calls instead
                of stacking (copying) them on every call, rebuilt when any of
                those parameters changes (version counter, storage). Costs one
@@ -41,6 +46,7 @@ class Options:
     enabled: bool = True
     roll: bool = False
     cost_model: bool = True
+    compile_glue: bool = False
     cache_weight_stacks: bool = False
 
     @classmethod

@@ -39,7 +39,7 @@ per group (measured in benchmarks/).
 from __future__ import annotations
 
 import operator
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import sympy
 import torch
@@ -157,25 +157,37 @@ class CompiledGroup(torch.nn.Module):
             admits = admits_group_size(shape_env, symbol)
         return admits, lambda *a: fn(*[a[i] for i in tensors])
 
+    def _key(self, args) -> tuple:
+        # requires_grad only matters to a kernel compiled with grad enabled
+        grad = torch.is_grad_enabled()
+        return (
+            self.structure_id,
+            grad,
+            "G" if self._symbolic(args) else self.batched.group_size,
+            tuple(tensor_meta(a, with_grad=grad, skip_leading=d is not None) for a, d in zip(args, self.batched.in_dims)),
+        )
+
+    def cached_kernel(self, args) -> Optional[Callable]:
+        """The kernel already compiled for ``args``, or None."""
+        G = self.batched.group_size
+        return next((fn for admits, fn in _KERNELS.get(self._key(args), ()) if admits(G)), None)
+
+    def kernel(self, args) -> Callable:
+        """The kernel for ``args`` (real tensors, or fakes of their metadata),
+        compiled on the first call that needs it."""
+        fn = self.cached_kernel(args)
+        if fn is not None:
+            counters["roll"]["kernel_cache_hits"] += 1
+            return fn
+        entries = _KERNELS.setdefault(self._key(args), [])
+        admits, fn = self._compile(args, self._symbolic(args))
+        if entries:
+            counters["roll"]["kernels_specialized"] += 1  # an earlier symbolic compile did not admit G
+        entries.append((admits, fn))
+        counters["roll"]["kernels_compiled"] += 1
+        return fn
+
     def forward(self, *args):
         if any(isinstance(a, FakeTensor) for a in args):
             return self.batched(*args)  # the backend's fake-tensor check: trace, don't compile
-        G = self.batched.group_size
-        symbolic = self._symbolic(args)
-        key = (
-            self.structure_id,
-            torch.is_grad_enabled(),
-            "G" if symbolic else G,
-            tuple(tensor_meta(a, skip_leading=d is not None) for a, d in zip(args, self.batched.in_dims)),
-        )
-        entries = _KERNELS.setdefault(key, [])
-        fn = next((fn for admits, fn in entries if admits(G)), None)
-        if fn is None:
-            admits, fn = self._compile(args, symbolic)
-            if entries:
-                counters["roll"]["kernels_specialized"] += 1  # an earlier symbolic compile did not admit G
-            entries.append((admits, fn))
-            counters["roll"]["kernels_compiled"] += 1
-        else:
-            counters["roll"]["kernel_cache_hits"] += 1
-        return tuple(fn(*args))
+        return tuple(self.kernel(args)(*args))
