@@ -25,8 +25,8 @@ from diagpass.fx_facts import copy_graph_module
 from diagpass.options import Options
 from diagpass.pipeline import Plan
 from diagpass.report import record
+from diagpass.runtime.dispatch import GraphDispatch, Lazy, MeasuredChoice, needs_grad, verified
 from diagpass.runtime.group_op import compile_glue
-from diagpass.runtime.dispatch import GraphDispatch, Lazy, verified
 from diagpass.runtime.inner import inner_compile
 from diagpass.weights import WeightStackCache
 
@@ -53,13 +53,17 @@ def _compile(plan: Plan, example_inputs) -> Callable:
     rewrite, options = plan.rewrite, plan.options
     if rewrite is not None:
         copying = Lazy(lambda args: _compile_rewritten(rewrite.gm, args, options))
+        if plan.measured:
+            copying = _measured(plan, copying, example_inputs)
         if rewrite.stacked is None:
+            if plan.measured:
+                return lambda *args: copying(args)(*args)
             return copying(example_inputs)
         stacked = Lazy(lambda full: _compile_rewritten(rewrite.stacked.gm, full, options),
                        counter="stacked_graphs_compiled")
         cache = WeightStackCache() if options.cache_weight_stacks else None
         dispatch = GraphDispatch(plan.weight_inputs, stacked, copying=copying, cache=cache)
-        if dispatch.views(example_inputs) is None and cache is None:
+        if dispatch.views(example_inputs) is None and cache is None and not plan.measured:
             copying(example_inputs)
         # else the stacked variant compiles on its first call, outside Dynamo's tracing
         # context: its extra inputs (views of the stored stacks) are no graph inputs of
@@ -80,6 +84,20 @@ def _compile(plan: Plan, example_inputs) -> Callable:
     )
 
 
+def _measured(plan: Plan, batched: Lazy, example_inputs) -> MeasuredChoice:
+    """Both variants compiled now; inference calls then time them (``measure_band``)."""
+    batched(example_inputs)
+    sequential = inner_compile(copy_graph_module(plan.gm)[0], example_inputs, plan.options.inner)
+
+    def chosen(name: str, medians: dict) -> None:
+        plan.report.measured.update(chose=name, **{f"{n}_ms": 1e3 * m for n, m in medians.items()})
+        logs.log.info("diagpass: measured %s; runs %s (the cost rule said %s)",
+                      ", ".join(f"{n} {1e3 * m:.2f} ms" for n, m in medians.items()), name, plan.measured)
+
+    return MeasuredChoice({"batched": batched, "sequential": Lazy(lambda args: sequential)}, plan.measured,
+                          on_choice=chosen)
+
+
 def _batched_when_stacked(plan: Plan, full_args, sequential: Callable, arity: int) -> Callable:
     late = pipeline.rewrite_when_stacked(plan)
     record(late.report)
@@ -98,15 +116,12 @@ def _compile_rewritten(gm: fx.GraphModule, args, opts: Options) -> Callable:
         return inner_compile(gm, list(args), opts.inner, rewritten=True)
     # roll: each group compiles its own kernel once; the glue runs eagerly, or with
     # compile_glue compiles too in inference (the group op has no autograd formula)
-    if not opts.compile_glue or opts.inner != "inductor" or _needs_grad(args):
+    if not opts.compile_glue or opts.inner != "inductor" or needs_grad(args):
         return gm.forward
     # on the first call, outside Dynamo's tracing context (the kernels compile then too)
     glue = Lazy(lambda real: compile_glue(gm, real, opts.inner) or gm.forward)
     return lambda *real: glue(real)(*real)
 
-
-def _needs_grad(args) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
 def _warn_near_recompile_limit(gm: fx.GraphModule, reason: Optional[str]) -> None:

@@ -21,6 +21,12 @@ class Options:
     cost_model: on CPU with Inductor, do not batch when the layer weights would
                be copied per call and the copy outweighs what batching can save
                (``passes/cost.py``); False batches whenever it is safe.
+    measure_band: a cost estimate within this factor of the cost rule's
+               threshold is too close for a rule from one machine: the graph
+               is compiled both batched and sequential, inference calls take
+               turns on them, and after three timed calls each the faster one
+               runs from then on (``runtime/dispatch.MeasuredChoice``; the
+               outcome is in the report's ``measured``). 1 turns measuring off.
     roll:      compile each distinct batched step once (cached across graphs
                and segment counts) and run the schedule as a host loop, glue
                eager; compile cost independent of the number of segments.
@@ -46,6 +52,7 @@ class Options:
     enabled: bool = True
     roll: bool = False
     cost_model: bool = True
+    measure_band: float = 4.0
     compile_glue: bool = False
     cache_weight_stacks: bool = False
 
@@ -63,4 +70,6 @@ class Options:
             raise ValueError(f"diagpass: options['inner'] must be one of {INNER_COMPILERS}, got {opts.inner!r}")
         if not isinstance(opts.min_group, int) or opts.min_group < 2:
             raise ValueError(f"diagpass: options['min_group'] must be an int >= 2, got {opts.min_group!r}")
+        if not isinstance(opts.measure_band, (int, float)) or opts.measure_band < 1:
+            raise ValueError(f"diagpass: options['measure_band'] must be a number >= 1, got {opts.measure_band!r}")
         return opts

@@ -98,6 +98,9 @@ class Plan:
     rewrite: Optional[Rewrite] = None
     weight_inputs: Optional[List[List[int]]] = None
     cost_refused: bool = False
+    # the cost estimate is too close to call: both variants are timed; this is
+    # the one the rule would pick ("batched" | "sequential"), run untimed by calls with gradients
+    measured: Optional[str] = None
 
 
 class _Stages(types.SimpleNamespace):
@@ -138,7 +141,12 @@ def decide(st: _Stages, example_inputs) -> None:
         raise NotBatchable(st.reason)
     if _static(st.gm, example_inputs):  # real inputs, no symbolic size: a stacked variant can serve
         st.weight_inputs = _weight_input_indices(st.gm, st.grid)
-    if example_inputs is not None and _copying_does_not_pay(st, example_inputs):
+    if example_inputs is None or not _copy_rule_applies(st, example_inputs):
+        return
+    if _too_close_to_call(st.cost.bytes_per_flop, options.measure_band):
+        st.measured = "batched" if st.cost.bytes_per_flop <= CPU_COPY_BYTES_PER_FLOP else "sequential"
+        counters["backend"]["graphs_measured"] += 1
+    elif st.cost.bytes_per_flop > CPU_COPY_BYTES_PER_FLOP:
         st.cost_refused = True
         counters["backend"]["graphs_not_batched_cost"] += 1
         raise NotBatchable(
@@ -147,6 +155,11 @@ def decide(st: _Stages, example_inputs) -> None:
             "(diagpass.stack_weights_(model.layers)) to batch without the copy, or pass "
             "options={'cost_model': False}"
         )
+
+
+def _too_close_to_call(bytes_per_flop: float, band: float) -> bool:
+    """Within a factor ``band`` of the threshold: a rule from one machine cannot tell."""
+    return band > 1 and CPU_COPY_BYTES_PER_FLOP / band <= bytes_per_flop <= CPU_COPY_BYTES_PER_FLOP * band
 
 
 def prepare(gm: fx.GraphModule, options: Options) -> Tuple[fx.GraphModule, int]:
@@ -245,9 +258,9 @@ def _lifted(gm: fx.GraphModule, grid: CellGrid, options: Options) -> Optional[Li
         return None
 
 
-def _copying_does_not_pay(st: _Stages, example_inputs) -> bool:
-    """The cost rule (``passes/cost.py``): CPU, Inductor, layer weights a batched
-    call would copy, and a copy too large for the work batched."""
+def _copy_rule_applies(st: _Stages, example_inputs) -> bool:
+    """The cost rule (``passes/cost.py``) has a say: CPU, Inductor, and layer
+    weights a batched call would copy (not read as stored or kept stacks)."""
     opts = st.options
     if not opts.cost_model or opts.roll or opts.inner != "inductor":
         return False
@@ -255,8 +268,6 @@ def _copying_does_not_pay(st: _Stages, example_inputs) -> bool:
         return False  # stacked once, not per call
     tensors = [a for a in example_inputs if isinstance(a, torch.Tensor)]
     if not tensors or any(a.device.type != "cpu" for a in tensors):
-        return False
-    if st.cost.bytes_per_flop <= CPU_COPY_BYTES_PER_FLOP:
         return False
     if st.weight_inputs is None:
         return True  # no stacked-views variant with symbolic shapes: always the copy
@@ -317,6 +328,8 @@ def _report(st: _Stages) -> GraphReport:
         r.batched = bool(r.batched_groups)
     if st.cost_refused:
         r.weight_inputs = st.weight_inputs
+    if st.measured:
+        r.measured = {}  # filled by the runtime once it has timed both variants
     return r
 
 

@@ -20,7 +20,9 @@ before and after ``stack_weights_``, and another instance of the class.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -80,6 +82,62 @@ class GraphDispatch:
             counters["stacked_weights"]["copying_calls"] += 1
             return self.copying(args)(*args)
         return self.sequential(args)(*args)
+
+
+def needs_grad(args) -> bool:
+    """Whether a call with these arguments records a graph for backward."""
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+class MeasuredChoice:
+    """Which of several variants of one graph a call runs, decided by timing
+    them on the first real calls (for inference calls on CPU, where the cost
+    estimate is too close to call: ``options['measure_band']``).
+
+    Each call runs exactly one variant: a graph may write its inputs (a
+    buffer, a memory attribute), and running two on one call would apply the
+    writes twice. Calls take turns; a variant's first call (its compile) is
+    not timed; after ``rounds`` timed calls each, the variant with the lowest
+    median runs from then on. A call that needs gradients runs ``default``
+    untimed: its forward time says little about forward plus backward.
+    ``on_choice(name, medians)`` is told the outcome once.
+    """
+
+    def __init__(self, variants: Dict[str, Lazy], default: str, rounds: int = 3,
+                 on_choice: Optional[Callable[[str, Dict[str, float]], None]] = None):
+        self.variants, self.default, self.rounds = variants, default, rounds
+        self.samples: Dict[str, List[float]] = {name: [] for name in variants}
+        self.warm: set = set()
+        self.chosen: Optional[str] = None
+        self.on_choice = on_choice
+
+    def __call__(self, args) -> Callable:
+        if self.chosen is not None:
+            return self.variants[self.chosen](args)
+        if needs_grad(args):
+            return self.variants[self.default](args)
+        return self._timed
+
+    def _next(self) -> str:
+        cold = [name for name in self.variants if name not in self.warm]
+        return cold[0] if cold else min(self.variants, key=lambda name: len(self.samples[name]))
+
+    def _timed(self, *args):
+        name = self._next()
+        fn = self.variants[name](args)
+        t0 = time.perf_counter()
+        out = fn(*args)
+        elapsed = time.perf_counter() - t0
+        if name in self.warm:
+            self.samples[name].append(elapsed)
+        self.warm.add(name)
+        if all(len(s) >= self.rounds for s in self.samples.values()):
+            medians = {n: statistics.median(s) for n, s in self.samples.items()}
+            self.chosen = min(medians, key=medians.get)
+            counters["runtime"][f"measured_chose_{self.chosen}"] += 1
+            if self.on_choice is not None:
+                self.on_choice(self.chosen, medians)
+        return out
 
 
 def verified(compiled: Callable, original, rtol: float, atol: float) -> Callable:
