@@ -59,21 +59,34 @@ CHILD = textwrap.dedent(
         err, eager_err = float((out.double() - exact).abs().max()), float((model(ids).double() - exact).abs().max())
     from diagpass.counters import counters
     dynamo = rep.timings["entered_at"] - t0
-    print(json.dumps({"S": S, "L": L, "mode": mode, "dynamo_s": dynamo, "backend_s": (t1 - t0) - dynamo - min(times),
-                      "first_s": t1 - t0, "steady_ms": 1e3 * statistics.median(times), "nodes": rep.num_nodes,
-                      "kernels": counters["roll"]["kernels_compiled"], "max_diff": diff,
-                      "err_vs_fp64": err, "eager_err_vs_fp64": eager_err}))
+    row = {"S": S, "L": L, "mode": mode, "dynamo_s": dynamo, "backend_s": (t1 - t0) - dynamo - min(times),
+           "first_s": t1 - t0, "steady_ms": 1e3 * statistics.median(times), "nodes": rep.num_nodes,
+           "kernels": counters["roll"]["kernels_compiled"], "max_diff": diff,
+           "err_vs_fp64": err, "eager_err_vs_fp64": eager_err}
+    if len(sys.argv) > 4:  # a second segment count: what a new input length costs
+        S2 = int(sys.argv[4])
+        ids2 = torch.randint(0, 128, (1, 8 * S2))
+        with torch.no_grad():
+            a = time.perf_counter(); out2 = fast(ids2); b = time.perf_counter()
+            rep2 = diagpass.reports()[-1]
+            c = time.perf_counter(); fast(ids2); steady2 = time.perf_counter() - c
+            row["second_diff"] = float((out2 - model(ids2)).abs().max())
+        row.update(second_S=S2, second_first_s=b - a,
+                   second_backend_s=(b - a) - (rep2.timings["entered_at"] - a) - steady2,
+                   second_kernels=counters["roll"]["kernels_compiled"] - row["kernels"])
+    print(json.dumps(row))
     """
 )
 
 
-def run(S: int, L: int, mode: str, timeout: float) -> dict:
+def run(S: int, L: int, mode: str, timeout: float, second: int = 0) -> dict:
     try:
         with tempfile.TemporaryDirectory(prefix="diagpass_ct_inductor_") as cache:
             # a fresh Inductor cache per run: compile times are cold, never FX-graph-cache hits
             env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
             proc = subprocess.run(
-                [sys.executable, "-c", CHILD, str(S), str(L), mode], capture_output=True, text=True, timeout=timeout, env=env
+                [sys.executable, "-c", CHILD, str(S), str(L), mode, *([str(second)] if second else [])],
+                capture_output=True, text=True, timeout=timeout, env=env
             )
     except subprocess.TimeoutExpired:
         return {"S": S, "L": L, "mode": mode, "error": f"timeout > {timeout:.0f} s"}
@@ -107,6 +120,8 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, nargs="*", default=None)
     ap.add_argument("--modes", nargs="*", default=None)
     ap.add_argument("--json", default=None, help="write rows here")
+    ap.add_argument("--second-segments", type=int, default=0,
+                    help="after the first count, call with this many segments: backend time of a new count")
     args = ap.parse_args(argv)
     segments = args.segments or ([8, 32] if args.quick else [8, 32, 128])
     layers = args.layers or ([8] if args.quick else [4, 8, 16])
@@ -115,9 +130,16 @@ def main(argv=None) -> None:
     for L in layers:
         for S in segments:
             for mode in modes:
-                rows.append(run(S, L, mode, args.timeout))
+                rows.append(run(S, L, mode, args.timeout, args.second_segments))
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
     print(table(rows))
+    seconds = [r for r in rows if "second_S" in r]
+    if seconds:
+        print("\n| S | then S | mode | backend s, first count | backend s, second count | ratio | new kernels |"
+              "\n|---|---|---|---:|---:|---:|---:|")
+        for r in seconds:
+            print(f"| {r['S']} | {r['second_S']} | {r['mode']} | {r['backend_s']:.1f} | {r['second_backend_s']:.1f} | "
+                  f"{r['second_backend_s'] / r['backend_s']:.2f} | {r['second_kernels']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -17,10 +17,15 @@ class Shape:
     vocab_size: int = 128
     d_mem: int = 16
     gpu_only: bool = False
+    # "armt" (ARMT-LLaMA, diagpass.models.armt) or a memory kind of the research-family
+    # model (diagpass.models.family: "gated", "linear_attention", "xl_cache", ...)
+    model: str = "armt"
 
 
 SHAPES: Dict[str, Shape] = {
     "tiny": Shape("tiny", 64, 4, 4),
+    # non-ARMT memory: a gated slot memory per layer (family model, swiglu, rmsnorm, rope)
+    "small-gated": Shape("small-gated", 256, 8, 4, intermediate_size=512, model="gated"),
     "small": Shape("small", 256, 8, 4),
     "medium": Shape("medium", 512, 12, 8),
     # LLaMA-3.2-1B-like: d=2048, L=16, GQA 32/8, ffn 8192
@@ -89,6 +94,11 @@ CONFIGS: Dict[str, Config] = {c.name: c for c in [
            "small", (64,), 16, (2, 4, 8), ("fp32", "bf16")),
     Config("small-headline", "issue 4 headline: small ARMT-LLaMA d=256 L=8, 64+16, S=32, B=1, fp32",
            "small", (64,), 16, (32,)),
+    Config("sweep", "issue 16 sweep (CPU part): small ARMT-LLaMA d=256 L=8, 64+16, S in {4, 8}",
+           "small", (64,), 16, (4, 8)),
+    Config("sweep-b4", "issue 16 sweep: small ARMT-LLaMA, batch 4", "small", (64,), 16, (8,), batch=4),
+    Config("sweep-gated", "issue 16 sweep: non-ARMT gated slot memory d=256 L=8, 64+16, S=8",
+           "small-gated", (64,), 16, (8,)),
     Config("medium", "medium ARMT-LLaMA d=512 L=12, 64+16", "medium", (64,), 16, (2, 4)),
     Config("llama1b", "LLaMA-1B shape d=2048 L=16 GQA 32/8 ffn 8192, 1024+128 (GPU only)",
            "llama1b", (1024,), 128, (4, 8, 16)),

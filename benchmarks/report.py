@@ -14,6 +14,7 @@ MODE_NAMES = {
     "diag_cached": "diagonal (Inductor), cache_weight_stacks",
     "diag_aot": "diagonal (aot_eager)",
     "rolled": "diagonal rolled (Inductor kernels, compiled once)",
+    "rolled_glue": "diagonal rolled, glue compiled too (compile_glue)",
     "seq_rolled": "sequential rolled (one cell per kernel call)",
     "bound": "even-load bound (1 segment at batch B*S, Inductor)",
     "base_eager": "full-attn base, eager",
@@ -88,6 +89,8 @@ def markdown(results: List[dict], meta: dict) -> str:
                 continue
             d = m.get("diag") or {}
             dtxt = f"{d.get('batched')} / {d.get('num_wavefronts')}" if d and name not in ("inductor", "inductor_bl") else ""
+            if d.get("measured"):  # the cost estimate was too close to call: timed both
+                dtxt += f" (measured: runs {d['measured'].get('chose', '?')})"
             dtxt = dtxt or _fusion_text(m)
             sp = f"{ref / m['median_ms']:.2f}x" if ref and m.get("median_ms") else "—"
             rs = modes.get("inductor", {}).get("samples_ms")

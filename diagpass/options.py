@@ -21,6 +21,11 @@ class Options:
     cost_model: on CPU with Inductor, do not batch when the layer weights would
                be copied per call and the copy outweighs what batching can save
                (``passes/cost.py``); False batches whenever it is safe.
+    max_memory_ratio: with Inductor, do not batch when stacking (copying) the
+               layer weights per call would raise the peak memory above this
+               multiple of the sequential graph's (both estimated from the
+               example values, ``passes/cost.py``); a call whose weights are
+               stored stacked still batches. Part of ``cost_model``.
     measure_band: a cost estimate within this factor of the cost rule's
                threshold is too close for a rule from one machine: the graph
                is compiled both batched and sequential, inference calls take
@@ -52,6 +57,7 @@ class Options:
     enabled: bool = True
     roll: bool = False
     cost_model: bool = True
+    max_memory_ratio: float = 1.1
     measure_band: float = 4.0
     compile_glue: bool = False
     cache_weight_stacks: bool = False
@@ -70,6 +76,8 @@ class Options:
             raise ValueError(f"diagpass: options['inner'] must be one of {INNER_COMPILERS}, got {opts.inner!r}")
         if not isinstance(opts.min_group, int) or opts.min_group < 2:
             raise ValueError(f"diagpass: options['min_group'] must be an int >= 2, got {opts.min_group!r}")
+        if not isinstance(opts.max_memory_ratio, (int, float)) or opts.max_memory_ratio < 1:
+            raise ValueError(f"diagpass: options['max_memory_ratio'] must be a number >= 1, got {opts.max_memory_ratio!r}")
         if not isinstance(opts.measure_band, (int, float)) or opts.measure_band < 1:
             raise ValueError(f"diagpass: options['measure_band'] must be a number >= 1, got {opts.measure_band!r}")
         return opts

@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import math
 import time
 import types
 from typing import List, Optional, Tuple
@@ -134,27 +135,41 @@ def run(gm: fx.GraphModule, options: Options, example_inputs=None) -> Plan:
 def decide(st: _Stages, example_inputs) -> None:
     """Whether to batch at all: the schedule has groups of ``min_group`` cells
     (``roll`` rewrites anyway: each distinct cell then compiles once), and on
-    CPU with copied weights the cost rule (``passes/cost.py``) agrees."""
+    CPU with copied weights the cost rule (``passes/cost.py``) agrees, or its
+    estimate is within ``measure_band`` of the threshold: then the runtime
+    times both variants (``st.measured``: the rule's own pick)."""
     options = st.options
     st.reason = _why_not(st.grid, st.schedule, options)
     if st.reason is not None and not options.roll:
         raise NotBatchable(st.reason)
     if _static(st.gm, example_inputs):  # real inputs, no symbolic size: a stacked variant can serve
         st.weight_inputs = _weight_input_indices(st.gm, st.grid)
-    if example_inputs is None or not _copy_rule_applies(st, example_inputs):
+    if example_inputs is None or not _copies_weights(st, example_inputs):
+        return
+    if st.cost.copy_memory_ratio > options.max_memory_ratio:
+        _refuse_copying(st, "memory: stacking the layer weights per call would raise the peak to about "
+                        f"{st.cost.copy_memory_ratio:.2f}x the sequential graph's ({st.cost.weight_copy_bytes / 2**20:.1f} "
+                        f"MiB copied, sequential peak ~{st.cost.sequential_peak_bytes / 2**20:.1f} MiB; "
+                        f"options['max_memory_ratio']={options.max_memory_ratio:g})",
+                        f"{{'max_memory_ratio': {math.ceil(10 * st.cost.copy_memory_ratio) / 10:g}}}")
+    if not _on_cpu(example_inputs):
         return
     if _too_close_to_call(st.cost.bytes_per_flop, options.measure_band):
         st.measured = "batched" if st.cost.bytes_per_flop <= CPU_COPY_BYTES_PER_FLOP else "sequential"
         counters["backend"]["graphs_measured"] += 1
     elif st.cost.bytes_per_flop > CPU_COPY_BYTES_PER_FLOP:
-        st.cost_refused = True
-        counters["backend"]["graphs_not_batched_cost"] += 1
-        raise NotBatchable(
-            f"cost: on CPU, batching with layer weights copied per call does not pay: {st.cost.describe()} "
-            f"(> {CPU_COPY_BYTES_PER_FLOP:.0e}). Store the weights stacked "
-            "(diagpass.stack_weights_(model.layers)) to batch without the copy, or pass "
-            "options={'cost_model': False}"
-        )
+        _refuse_copying(st, f"cost: on CPU, batching with layer weights copied per call does not pay: "
+                        f"{st.cost.describe()} (> {CPU_COPY_BYTES_PER_FLOP:.0e})", "{'cost_model': False}")
+
+
+def _refuse_copying(st: _Stages, why: str, way_out: str) -> None:
+    """Sequential for copied weights; a call whose weights are stored stacked still batches."""
+    st.cost_refused = True
+    counters["backend"]["graphs_not_batched_cost"] += 1
+    raise NotBatchable(
+        f"{why}. Store the weights stacked (diagpass.stack_weights_(model.layers)) to batch without "
+        f"the copy, or pass options={way_out}"
+    )
 
 
 def _too_close_to_call(bytes_per_flop: float, band: float) -> bool:
@@ -258,20 +273,23 @@ def _lifted(gm: fx.GraphModule, grid: CellGrid, options: Options) -> Optional[Li
         return None
 
 
-def _copy_rule_applies(st: _Stages, example_inputs) -> bool:
-    """The cost rule (``passes/cost.py``) has a say: CPU, Inductor, and layer
+def _copies_weights(st: _Stages, example_inputs) -> bool:
+    """The cost rules (``passes/cost.py``) have a say: Inductor, and layer
     weights a batched call would copy (not read as stored or kept stacks)."""
     opts = st.options
     if not opts.cost_model or opts.roll or opts.inner != "inductor":
         return False
     if opts.cache_weight_stacks and st.weight_inputs is not None:
-        return False  # stacked once, not per call
-    tensors = [a for a in example_inputs if isinstance(a, torch.Tensor)]
-    if not tensors or any(a.device.type != "cpu" for a in tensors):
+        return False  # stacked once, not per call: the user allowed the copy
+    if not any(isinstance(a, torch.Tensor) for a in example_inputs):
         return False
     if st.weight_inputs is None:
         return True  # no stacked-views variant with symbolic shapes: always the copy
     return stacked_views_at(example_inputs, st.weight_inputs) is None
+
+
+def _on_cpu(example_inputs) -> bool:
+    return all(a.device.type == "cpu" for a in example_inputs if isinstance(a, torch.Tensor))
 
 
 def _roles(grid: CellGrid) -> List[str]:
@@ -315,6 +333,7 @@ def _report(st: _Stages) -> GraphReport:
         r.num_segments, r.num_layers = st.grid.num_segments, st.grid.num_layers
     if st.cost is not None:
         r.cost, r.bytes_per_flop = st.cost.describe(), st.cost.bytes_per_flop
+        r.copy_memory_ratio = st.cost.copy_memory_ratio
     if st.cell_graph is not None:
         r.dependence_vectors = sorted(st.cell_graph.vectors)
     if st.schedule is not None:

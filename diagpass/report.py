@@ -27,6 +27,8 @@ class GraphReport:
     # passes/cost.py: weight bytes a copying batched call stacks vs the cells' matmul FLOPs
     cost: Optional[str] = None
     bytes_per_flop: Optional[float] = None
+    # peak memory of a batched call that copies the layer weights, over the sequential graph's (estimated)
+    copy_memory_ratio: Optional[float] = None
     # the cost estimate was too close to call: {"chose": variant, "<variant>_ms": median, ...}
     measured: Optional[Dict[str, object]] = None
     # set when the cost decision left the graph sequential for copied weights: the input

@@ -24,7 +24,9 @@ import math
 import operator
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from diagpass.ir.cells import CellGrid
 from diagpass.fx_facts import example_value, is_sdpa
@@ -39,6 +41,16 @@ _MATMUL = {torch.matmul, operator.matmul, torch.bmm, torch.mm, torch.baddbmm, to
 class BatchingCost:
     weight_copy_bytes: int  # one call's torch.stack of every layer weight
     matmul_flops: int  # linear/matmul/attention FLOPs of all cells
+    # the sequential graph's peak bytes run in graph order: inputs (weights too) plus
+    # the live intermediates, each storage once (views share it), freed after its last use
+    sequential_peak_bytes: int = 0
+
+    @property
+    def copy_memory_ratio(self) -> float:
+        """Peak memory of a copying batched call over the sequential peak, at most:
+        the stacks live for the whole call."""
+        peak = self.sequential_peak_bytes
+        return (peak + self.weight_copy_bytes) / peak if peak else math.inf
 
     @property
     def bytes_per_flop(self) -> float:
@@ -85,4 +97,48 @@ def estimate_cost(grid: CellGrid) -> BatchingCost:
         v = example_value(p)
         weights += _numel(v) * v.element_size() if isinstance(v, torch.Tensor) else 0
     flops = sum(node_flops(n) for cell in grid.cells.values() for n in cell.nodes)
-    return BatchingCost(int(weights), int(flops))
+    return BatchingCost(int(weights), int(flops), sequential_peak_bytes(grid.gm))
+
+
+def _storages(value):
+    """(storage key, bytes) of every tensor in an example value (tuples flattened)."""
+    if isinstance(value, torch.Tensor):
+        if all(isinstance(d, int) for d in value.shape):
+            storage = value.untyped_storage()
+            yield StorageWeakRef(storage), storage.nbytes()
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _storages(v)
+
+
+def sequential_peak_bytes(gm: fx.GraphModule) -> int:
+    """Peak bytes of ``gm`` run node by node in graph order: every storage from
+    its first node to the last node that reads it or a view of it (inputs and
+    outputs: the whole call). An eager-order estimate from the example values;
+    Inductor's fused code allocates fewer intermediates."""
+    nodes = list(gm.graph.nodes)
+    owners = {}  # node -> its storages
+    last = {}  # storage -> index of its last use
+    size = {}
+    for i, n in enumerate(nodes):
+        owners[n] = list(_storages(example_value(n))) if n.op != "output" else []
+        for key, nbytes in owners[n]:
+            size[key] = nbytes
+            last[key] = len(nodes) if n.op == "placeholder" else max(last.get(key, i), i)
+        for a in n.all_input_nodes:
+            for key, _ in owners.get(a, ()):
+                last[key] = max(last[key], len(nodes) if n.op == "output" else i)
+    freed_after = {}
+    for key, i in last.items():
+        freed_after.setdefault(i, []).append(key)
+    live, current, peak = set(), 0, 0
+    for i, n in enumerate(nodes):
+        for key, _ in owners[n]:
+            if key not in live:
+                live.add(key)
+                current += size[key]
+        peak = max(peak, current)
+        for key in freed_after.get(i, ()):
+            live.discard(key)
+            current -= size[key]
+    return peak

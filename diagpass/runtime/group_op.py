@@ -32,10 +32,9 @@ from typing import Callable, List, Optional
 
 import torch
 import torch.fx as fx
-
-from diagpass.counters import counters
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from diagpass.counters import counters
 from diagpass.fx_facts import copy_graph_module, example_value, static_meta
 from diagpass.runtime.inner import inner_compile
 from diagpass.runtime.kernel_cache import CompiledGroup

@@ -74,3 +74,24 @@ def test_compile_modes_records_each_diagonal_report():
     fns, res, x = runner.compile_modes(point, ["eager", "diag_aot"], log=lambda *a: None)
     assert set(fns) == {"eager", "diag_aot"} and "error" not in res["diag_aot"]
     assert res["diag_aot"]["diag"]["batched"] is True and res["diag_aot"]["diag"]["num_wavefronts"] > 0
+
+
+def test_table_names_a_measured_choice():
+    res = [{"label": "p", "point": {}, "modes": {
+        "inductor": {"median_ms": 100.0},
+        "diagonal": {"median_ms": 99.0, "diag": {"batched": True, "num_wavefronts": 15,
+                                                 "measured": {"chose": "sequential"}}}}}]
+    rows = [line for line in report.markdown(res, {}).splitlines() if line.startswith("| p |")]
+    assert any("measured: runs sequential" in line for line in rows)
+
+
+def test_non_armt_points_build_the_family_model_with_that_memory():
+    from benchmarks import configs, runner
+    from diagpass.models.family import RecurrentTransformer
+
+    shape = configs.Shape("t", 32, 2, 2, intermediate_size=64, model="gated")
+    point = configs.Point(shape, 8, 2, 3)
+    model = runner.build(point, base=False)
+    assert isinstance(model, RecurrentTransformer) and model.config.memory_kind == "gated"
+    with torch.no_grad():
+        assert model(runner.inputs(point)).shape == (1, 24, shape.vocab_size)

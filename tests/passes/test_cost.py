@@ -1,6 +1,8 @@
 """Cost: on CPU, batching with weights copied per call is refused where the
 copy outweighs the work; stored-stacked weights and other inners batch."""
 
+import math
+
 import pytest
 import torch
 
@@ -8,11 +10,13 @@ import diagpass
 import diagpass.backend
 from diagpass import Options
 from diagpass.models.armt import build_armt, randomize_memory_
-from diagpass.passes.cost import CPU_COPY_BYTES_PER_FLOP, BatchingCost
+from diagpass.passes.cost import CPU_COPY_BYTES_PER_FLOP, BatchingCost, sequential_peak_bytes
 from diagpass.testing import assert_equivalent
 from tests.helpers import analyze, dynamo_graph
 
 COST_REASON = "cost: on CPU, batching with layer weights copied per call does not pay"
+MEMORY_REASON = "memory: stacking the layer weights per call would raise the peak"
+FLOPS_ONLY = {"max_memory_ratio": 1e9}  # the FLOP rule alone (the memory rule refuses tiny models first)
 
 
 def _model():
@@ -52,7 +56,7 @@ def test_cost_describes_itself():
 def _refused(gm, inputs, options) -> bool:
     before = diagpass.counters["backend"]["graphs_not_batched_cost"]
     rewritten, report = analyze(gm, options, inputs)
-    refused = rewritten is None and report.reason is not None and report.reason.startswith(COST_REASON)
+    refused = rewritten is None and report.reason is not None and report.reason.startswith((COST_REASON, MEMORY_REASON))
     assert refused == (diagpass.counters["backend"]["graphs_not_batched_cost"] == before + 1)
     assert refused or rewritten is not None
     return refused
@@ -62,8 +66,9 @@ def test_copying_tiny_model_on_cpu_does_not_pay_unless_told_or_stacked(monkeypat
     model = _model()
     gm, inputs = dynamo_graph(model, _ids(5))
     assert analyze(gm, Options())[1].bytes_per_flop > CPU_COPY_BYTES_PER_FLOP
-    assert _refused(gm, inputs, Options())
-    _, report = analyze(gm, Options(), inputs)
+    assert _refused(gm, inputs, Options(**FLOPS_ONLY))
+    _, report = analyze(gm, Options(**FLOPS_ONLY), inputs)
+    assert report.reason.startswith(COST_REASON)
     assert "stack_weights_" in report.reason and "cost_model" in report.reason
     assert not _refused(gm, inputs, Options(cost_model=False))
     assert not _refused(gm, inputs, Options(inner="aot_eager"))
@@ -72,7 +77,7 @@ def test_copying_tiny_model_on_cpu_does_not_pay_unless_told_or_stacked(monkeypat
     assert analyze(gm, Options())[0] is not None  # explain's call: no inputs, no decision
     with monkeypatch.context() as m:  # a model with more work per weight byte
         m.setattr(diagpass.pipeline, "CPU_COPY_BYTES_PER_FLOP", 1.0)
-        assert not _refused(gm, inputs, Options())
+        assert not _refused(gm, inputs, Options(**FLOPS_ONLY))
 
     diagpass.stack_weights_(model.layers)  # nothing to copy: batching always pays
     gm, inputs = dynamo_graph(model, _ids(5))
@@ -81,11 +86,40 @@ def test_copying_tiny_model_on_cpu_does_not_pay_unless_told_or_stacked(monkeypat
     assert _refused(gm, inputs, Options())  # with gradients the stacks are copies again
 
 
+def test_copying_that_would_raise_peak_memory_is_refused_whatever_the_flops(monkeypatch):
+    monkeypatch.setattr(diagpass.pipeline, "CPU_COPY_BYTES_PER_FLOP", 1.0)  # the FLOP rule says: pays
+    model = _model()
+    gm, inputs = dynamo_graph(model, _ids(5))
+    ratio = analyze(gm, Options())[1].copy_memory_ratio
+    assert ratio > 1.1  # tiny: the weights are most of the sequential peak
+    assert _refused(gm, inputs, Options())
+    _, report = analyze(gm, Options(), inputs)
+    assert report.reason.startswith(MEMORY_REASON)
+    assert "stack_weights_" in report.reason and f"'max_memory_ratio': {math.ceil(10 * ratio) / 10:g}" in report.reason
+    assert not _refused(gm, inputs, Options(max_memory_ratio=ratio + 0.01))
+    assert not _refused(gm, inputs, Options(cache_weight_stacks=True))  # the user allowed the copy
+    diagpass.stack_weights_(model.layers)
+    gm, inputs = dynamo_graph(model, _ids(5))
+    with torch.no_grad():  # stored stacks read as views: nothing copied
+        assert not _refused(gm, inputs, Options())
+
+
+def test_sequential_peak_counts_each_storage_once_until_its_last_use():
+    def f(x):
+        a = x + 1
+        b = a * 2  # a, b and x live here: the peak
+        c = b.view(-1)  # a view: no new bytes
+        return c.sum()
+
+    gm, _ = dynamo_graph(f, torch.zeros(10, 100))
+    assert sequential_peak_bytes(gm) == 3 * 4000
+
+
 @pytest.mark.slow
 def test_inductor_on_cpu_leaves_tiny_model_sequential_and_says_why():
     model = _model()
     report = assert_equivalent(model, _ids(5), options={"inner": "inductor"}, expect_batched=False)
-    assert report.graphs[0].reason.startswith(COST_REASON)
+    assert report.graphs[0].reason.startswith((COST_REASON, MEMORY_REASON))
     assert "stack_weights_" in report.graphs[0].reason
     assert diagpass.counters["backend"]["graphs_not_batched_cost"] == 1
     assert diagpass.counters["batch"]["cells"] == 0  # refused before the batch pass ran
@@ -105,7 +139,7 @@ def test_cost_refusal_is_revisited_per_call_when_weights_get_stacked(monkeypatch
     assert diagpass.counters["backend"]["graphs_not_batched_cost"] == 1
     assert diagpass.counters["batch"]["cells"] == 0
     refused = diagpass.reports()[-1]
-    assert refused.reason.startswith(COST_REASON) and refused.weight_inputs
+    assert refused.reason.startswith((COST_REASON, MEMORY_REASON)) and refused.weight_inputs
 
     diagpass.stack_weights_(model.layers)
     with torch.no_grad():

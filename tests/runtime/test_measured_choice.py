@@ -65,7 +65,8 @@ def test_a_close_estimate_times_both_and_keeps_one_exactly():
     ids = torch.randint(0, 128, (1, 8 * 5))
     # any estimate is "close" under this band: the rule's threshold does not decide
     mark = report_count()
-    compiled = torch.compile(model, backend="diagonal", options={"measure_band": 1e12})
+    options = {"measure_band": 1e12, "max_memory_ratio": 1e9}  # tiny: the memory rule refuses first
+    compiled = torch.compile(model, backend="diagonal", options=options)
     with torch.no_grad():
         for _ in range(10):
             assert_matches_eager(model, compiled(ids), ids)
@@ -82,7 +83,7 @@ def test_band_one_turns_measuring_off():
     ids = torch.randint(0, 128, (1, 8 * 5))
     mark = report_count()
     with torch.no_grad():
-        torch.compile(model, backend="diagonal", options={"measure_band": 1})(ids)
+        torch.compile(model, backend="diagonal", options={"measure_band": 1, "max_memory_ratio": 1e9})(ids)
     assert diagpass.counters["backend"]["graphs_measured"] == 0
     reports = reports_since(mark)
     assert reports and all(r.measured is None for r in reports)
