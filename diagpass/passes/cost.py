@@ -103,9 +103,10 @@ def estimate_cost(grid: CellGrid) -> BatchingCost:
 def _storages(value):
     """(storage key, bytes) of every tensor in an example value (tuples flattened)."""
     if isinstance(value, torch.Tensor):
-        if all(isinstance(d, int) for d in value.shape):
-            storage = value.untyped_storage()
-            yield StorageWeakRef(storage), storage.nbytes()
+        storage = value.untyped_storage()
+        nbytes = storage.nbytes()
+        if isinstance(nbytes, int):  # a view of a tensor of symbolic size may have a static shape
+            yield StorageWeakRef(storage), nbytes
     elif isinstance(value, (list, tuple)):
         for v in value:
             yield from _storages(v)
