@@ -134,10 +134,13 @@ def run(gm: fx.GraphModule, options: Options, example_inputs=None) -> Plan:
 
 def decide(st: _Stages, example_inputs) -> None:
     """Whether to batch at all: the schedule has groups of ``min_group`` cells
-    (``roll`` rewrites anyway: each distinct cell then compiles once), and on
-    CPU with copied weights the cost rule (``passes/cost.py``) agrees, or its
-    estimate is within ``measure_band`` of the threshold: then the runtime
-    times both variants (``st.measured``: the rule's own pick)."""
+    (``roll`` rewrites anyway: each distinct cell then compiles once), and when
+    a batched call would copy the layer weights (``passes/cost.py``), the copy
+    keeps peak memory within ``max_memory_ratio`` of the sequential graph's and,
+    on CPU, the FLOP rule agrees, or its estimate is within ``measure_band`` of
+    the threshold: then the runtime times both variants (``st.measured``: the
+    rule's own pick). Refusals for the copy leave a call whose weights are
+    stored stacked free to batch (``cost_refused``)."""
     options = st.options
     st.reason = _why_not(st.grid, st.schedule, options)
     if st.reason is not None and not options.roll:
