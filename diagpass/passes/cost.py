@@ -11,10 +11,17 @@ copied (a rule of thumb from one machine's measurements, in the README and
 ``benchmarks/results/``; not a calibration); weights stored stacked
 (``diagpass.stack_weights_``) are never copied and always batch.
 
+The copy also costs memory: the stacks live for the whole call, so a
+copying batched call peaks at about the sequential peak plus the layer
+weights. ``sequential_peak_bytes`` estimates that peak from the example
+values (graph-order liveness); the pipeline refuses the copy above
+``options['max_memory_ratio']``.
+
 Before: a ``CellGrid`` (cells partitioned). After: unchanged; returns a
 ``BatchingCost``::
 
-    BatchingCost(weight_copy_bytes=23.4e6, matmul_flops=3.79e9)  # 6.2e-3 B/FLOP: above the rule
+    BatchingCost(weight_copy_bytes=23.4e6, matmul_flops=3.79e9,   # 6.2e-3 B/FLOP: above the rule
+                 sequential_peak_bytes=25.3e6)                    # copy_memory_ratio 1.92
 """
 
 from __future__ import annotations
