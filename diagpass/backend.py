@@ -63,8 +63,8 @@ def _compile(plan: Plan, example_inputs) -> Callable:
                        counter="stacked_graphs_compiled")
         cache = WeightStackCache() if options.cache_weight_stacks else None
         dispatch = GraphDispatch(plan.weight_inputs, stacked, copying=copying, cache=cache)
-        if dispatch.views(example_inputs) is None and cache is None and not plan.measured:
-            copying(example_inputs)
+        if dispatch.views(example_inputs) is None and cache is None:
+            copying(example_inputs)  # a MeasuredChoice compiled both variants already
         # else the stacked variant compiles on its first call, outside Dynamo's tracing
         # context: its extra inputs (views of the stored stacks) are no graph inputs of
         # Dynamo's, and compiled inside that context their sizes became symbols of
@@ -121,7 +121,6 @@ def _compile_rewritten(gm: fx.GraphModule, args, opts: Options) -> Callable:
     # on the first call, outside Dynamo's tracing context (the kernels compile then too)
     glue = Lazy(lambda real: compile_glue(gm, real, opts.inner) or gm.forward)
     return lambda *real: glue(real)(*real)
-
 
 
 def _warn_near_recompile_limit(gm: fx.GraphModule, reason: Optional[str]) -> None:
