@@ -12,6 +12,7 @@ traceback from the pass.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable, Optional
 
@@ -28,6 +29,7 @@ from diagpass.report import record
 from diagpass.runtime.dispatch import GraphDispatch, Lazy, MeasuredChoice, needs_grad, verified
 from diagpass.runtime.group_op import compile_glue
 from diagpass.runtime.inner import inner_compile
+from diagpass.runtime.subgraphs import as_shared_subgraphs
 from diagpass.weights import WeightStackCache
 
 
@@ -35,7 +37,7 @@ def diagonal_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict]
     entered = time.perf_counter()
     opts = Options.from_dict({**(options or {}), **kwargs})
     recompile_reason = logs.recompile_reason()
-    _warn_near_recompile_limit(gm, recompile_reason)
+    logs.warn_near_recompile_limit(gm, recompile_reason)
     plan = pipeline.run(gm, opts, example_inputs) if opts.enabled else pipeline.disabled(gm, opts)
     plan.report.recompile_reason = recompile_reason
     record(plan.report)
@@ -70,12 +72,13 @@ def _compile(plan: Plan, example_inputs) -> Callable:
         # Dynamo's, and compiled inside that context their sizes became symbols of
         # Dynamo's ShapeEnv that its guards cannot name (GQA: IndexError in produce_guards)
         return dispatch
-    if not plan.cost_refused or plan.weight_inputs is None:
+    if not plan.cost_refused:
         return inner_compile(plan.gm, example_inputs, plan.options.inner)
     # The cost rule left the graph sequential for copied weights: batched after all on
-    # the first call whose weights are stored stacked. The plan's cells may be nodes of
-    # Dynamo's graph, which the inner compiler may edit: it gets a copy.
-    sequential = inner_compile(copy_graph_module(plan.gm)[0], example_inputs, plan.options.inner)
+    # the first call whose weights are stored stacked.
+    sequential = _sequential(plan, example_inputs)
+    if plan.weight_inputs is None:
+        return sequential
     arity = len(example_inputs)
     return GraphDispatch(
         plan.weight_inputs,
@@ -84,10 +87,21 @@ def _compile(plan: Plan, example_inputs) -> Callable:
     )
 
 
+def _sequential(plan: Plan, example_inputs) -> Callable:
+    """Cell by cell: each distinct cell a shared subgraph (``shared_sequential``), or a copy
+    of Dynamo's graph inline (the plan's cells may be its nodes, which Inductor may edit)."""
+    opts = plan.options
+    shared = opts.shared_sequential and opts.compiles_shared_subgraphs and not needs_grad(example_inputs)
+    gm = pipeline.sequential_rewrite(plan) if shared else None
+    if gm is not None:
+        return _shared_subgraphs(gm, example_inputs, opts)
+    return inner_compile(copy_graph_module(plan.gm)[0], example_inputs, opts.inner)
+
+
 def _measured(plan: Plan, batched: Lazy, example_inputs) -> MeasuredChoice:
     """Both variants compiled now; inference calls then time them (``measure_band``)."""
     batched(example_inputs)
-    sequential = inner_compile(copy_graph_module(plan.gm)[0], example_inputs, plan.options.inner)
+    sequential = _sequential(plan, example_inputs)
 
     def chosen(name: str, medians: dict) -> None:
         plan.report.measured.update(chose=name, **{f"{n}_ms": 1e3 * m for n, m in medians.items()})
@@ -112,10 +126,11 @@ def _batched_when_stacked(plan: Plan, full_args, sequential: Callable, arity: in
 
 
 def _compile_rewritten(gm: fx.GraphModule, args, opts: Options) -> Callable:
+    if opts.compiles_shared_subgraphs and not needs_grad(args):
+        return _shared_subgraphs(gm, args, opts)
     if not opts.roll:
         return inner_compile(gm, list(args), opts.inner, rewritten=True)
-    # roll: each group compiles its own kernel once; the glue runs eagerly, or with
-    # compile_glue compiles too in inference (the group op has no autograd formula)
+    # roll: kernels compiled once each; glue eager, or compiled in inference (compile_glue)
     if not opts.compile_glue or opts.inner != "inductor" or needs_grad(args):
         return gm.forward
     # on the first call, outside Dynamo's tracing context (the kernels compile then too)
@@ -123,25 +138,13 @@ def _compile_rewritten(gm: fx.GraphModule, args, opts: Options) -> Callable:
     return lambda *real: glue(real)(*real)
 
 
-def _warn_near_recompile_limit(gm: fx.GraphModule, reason: Optional[str]) -> None:
-    """Dynamo silently runs a frame eagerly after ``recompile_limit`` compiles
-    of it: say so one compile before, naming the guard whose failure caused
-    this recompile (``logs.recompile_reason``: Dynamo's own words). Most often
-    it is the number of segments (Dynamo specialises on it), but a flag, a
-    Python scalar or a module attribute can be the cause as well."""
-    compile_id = gm.meta.get("dynamo_compile_id")
-    attempt = getattr(compile_id, "frame_compile_id", None)
-    limit = torch._dynamo.config.recompile_limit
-    if isinstance(attempt, int) and attempt + 1 >= limit - 1:
-        counters["backend"]["recompile_limit_warnings"] += 1
-        logs.log.warning(
-            "diagpass: compile %d of this frame; the guard that failed: %s. At "
-            "torch._dynamo.config.recompile_limit=%d Dynamo stops compiling this frame and "
-            "runs it eagerly. If the guard is on the input length (one graph per number of "
-            "segments), pad inputs to a few fixed lengths (whole segments) or use "
-            "options={'roll': True}; otherwise keep that value fixed; or raise the limit. "
-            'All reasons: TORCH_LOGS="recompiles".',
-            attempt + 1,
-            reason or "Dynamo did not record one",
-            limit,
-        )
+def _shared_subgraphs(gm: fx.GraphModule, args, opts: Options) -> Callable:
+    """Each distinct call compiled once (``runtime/subgraphs.py``); inline if that fails.
+    Inference only: Inductor's backward of such subgraphs gave wrong gradients (README)."""
+    try:
+        return inner_compile(as_shared_subgraphs(gm), list(args), opts.inner, rewritten=True)
+    except Exception as e:  # noqa: BLE001 - a compile-time saving: never worth a wrong or failed call
+        counters["subgraphs"]["graphs_inlined"] += 1
+        logs.log.warning("diagpass: the shared subgraphs did not compile (%s); compiling the calls inline",
+                         logs.first_line(e), exc_info=logs.log.isEnabledFor(logging.DEBUG))
+        return inner_compile(gm, list(args), opts.inner, rewritten=True)

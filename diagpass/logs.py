@@ -33,6 +33,8 @@ from typing import Iterator, List, Optional
 
 import torch
 
+from diagpass.counters import counters
+
 LOG_NAME = "diagpass"
 GRAPH_CODE_ARTIFACT = "diagpass_graph_code"
 
@@ -272,3 +274,27 @@ def recompile_reason() -> Optional[str]:
         return None
     head = reason.strip().splitlines()[0]
     return " ".join(head.split())  # Dynamo pads the guard to align its source comment
+
+
+def warn_near_recompile_limit(gm, reason: Optional[str]) -> None:
+    """Dynamo silently runs a frame eagerly after ``recompile_limit`` compiles
+    of it: say so one compile before, naming the guard whose failure caused
+    this recompile (``logs.recompile_reason``: Dynamo's own words). Most often
+    it is the number of segments (Dynamo specialises on it), but a flag, a
+    Python scalar or a module attribute can be the cause as well."""
+    compile_id = gm.meta.get("dynamo_compile_id")
+    attempt = getattr(compile_id, "frame_compile_id", None)
+    limit = torch._dynamo.config.recompile_limit
+    if isinstance(attempt, int) and attempt + 1 >= limit - 1:
+        counters["backend"]["recompile_limit_warnings"] += 1
+        log.warning(
+            "diagpass: compile %d of this frame; the guard that failed: %s. At "
+            "torch._dynamo.config.recompile_limit=%d Dynamo stops compiling this frame and "
+            "runs it eagerly. If the guard is on the input length (one graph per number of "
+            "segments), pad inputs to a few fixed lengths (whole segments) or use "
+            "options={'roll': True}; otherwise keep that value fixed; or raise the limit. "
+            'All reasons: TORCH_LOGS="recompiles".',
+            attempt + 1,
+            reason or "Dynamo did not record one",
+            limit,
+        )

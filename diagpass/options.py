@@ -32,6 +32,18 @@ class Options:
                turns on them, and after three timed calls each the faster one
                runs from then on (``runtime/dispatch.MeasuredChoice``; the
                outcome is in the report's ``measured``). 1 turns measuring off.
+    shared_subgraphs: with Inductor (and not ``roll``), in inference, every
+               cell runs as a call (batched groups and single cells alike) and
+               each distinct call is one subgraph Inductor compiles once, the
+               glue around them compiled in the same graph
+               (``runtime/subgraphs.py``): compile cost follows the distinct
+               calls, not the segments. False inlines every call (the unrolled
+               graph); graphs that need gradients always inline.
+    shared_sequential: the sequential graph the cost and memory rules fall
+               back to is run cell by cell with shared subgraphs too (inference,
+               Inductor): its compile cost then follows the distinct cells, not
+               S x L. Off by default: on the tiny reference model it ran slower
+               than Inductor's inline sequential graph (README).
     roll:      compile each distinct batched step once (cached across graphs
                and segment counts) and run the schedule as a host loop, glue
                eager; compile cost independent of the number of segments.
@@ -56,11 +68,22 @@ class Options:
     atol: float = 1e-5
     enabled: bool = True
     roll: bool = False
+    shared_subgraphs: bool = True
+    shared_sequential: bool = False
     cost_model: bool = True
     max_memory_ratio: float = 1.1
     measure_band: float = 4.0
     compile_glue: bool = False
     cache_weight_stacks: bool = False
+
+    @property
+    def compiles_shared_subgraphs(self) -> bool:
+        return self.shared_subgraphs and self.inner == "inductor" and not self.roll
+
+    @property
+    def every_cell_a_call(self) -> bool:
+        """The batch pass emits single cells as calls too (``roll``, shared subgraphs)."""
+        return self.roll or self.compiles_shared_subgraphs
 
     @classmethod
     def from_dict(cls, options: Optional[dict]) -> "Options":

@@ -28,6 +28,7 @@ import dataclasses
 import gc
 import logging
 import math
+import sys
 import time
 import types
 from typing import List, Optional, Tuple
@@ -198,8 +199,9 @@ def prepare(gm: fx.GraphModule, options: Options) -> Tuple[fx.GraphModule, int]:
 def rewrite(grid: CellGrid, graph: CellGraph, sched: Schedule, options: Options, static: bool) -> Rewrite:
     """batch -> autocast -> lower -> check -> stacked."""
     trials = GroupTrials()
-    batched = batch_wavefronts(grid, graph, sched, options.min_group, roll=options.roll, trial=trials.trial)
-    if not batched.batched_groups and not options.roll:
+    every_call = options.every_cell_a_call
+    batched = batch_wavefronts(grid, graph, sched, options.min_group, roll=every_call, trial=trials.trial)
+    if not batched.batched_groups and not every_call:
         if batched.unbatchable:  # every group's batched call failed its trial trace
             raise NotBatchable(f"the batched graph does not trace ({batched.unbatchable[0][1]})")
         raise NotBatchable("no group could be batched (inputs that cannot be stacked)")
@@ -207,7 +209,7 @@ def rewrite(grid: CellGrid, graph: CellGraph, sched: Schedule, options: Options,
     if any(AUTOCAST in n.meta for n in gm.graph.nodes):
         gm = copy_graph_module(gm)[0]
         restore_autocast_regions(gm)  # enter/exit around every run of nodes of one region
-    lowered = check_stage("rewrite", lower(gm, options.inner))
+    lowered = check_stage("rewrite", lower(gm, options.inner, host_loop=options.roll))
     trials.check(lowered)
     for where, cause in batched.unbatchable:  # the other groups batched: one line per cause
         log.info("diagpass: %s runs cell by cell: its batched call does not trace (%s)", where, cause)
@@ -226,6 +228,22 @@ def rewrite_when_stacked(plan: Plan) -> Plan:
         _conclude(st)
     st.seconds = time.perf_counter() - t0
     return _freeze(st)
+
+
+def sequential_rewrite(plan: Plan) -> Optional[fx.GraphModule]:
+    """The lowered graph with every cell its own call and none batched (for
+    ``shared_sequential``); None without a grid, or if it fails (then the graph
+    Dynamo gave runs, as it would without the option)."""
+    if plan.grid is None or plan.schedule is None:
+        return None
+    options = dataclasses.replace(plan.options, min_group=sys.maxsize)
+    try:
+        with _gc_paused():
+            return rewrite(plan.grid, plan.cell_graph, plan.schedule, options, static=False).gm
+    except Exception as e:  # noqa: BLE001 - a compile-time saving: never worth a crash
+        log.warning("diagpass: the cell-by-cell graph of shared subgraphs was not built (%s); "
+                    "compiling Dynamo's graph", logs.first_line(e), exc_info=log.isEnabledFor(logging.DEBUG))
+        return None
 
 
 def disabled(gm: fx.GraphModule, options: Options) -> Plan:
@@ -269,7 +287,7 @@ def _fallback(st: _Stages):
 def _lifted(gm: fx.GraphModule, grid: CellGrid, options: Options) -> Optional[LiftedStacks]:
     try:
         lifted = lift_weight_stacks(gm, _roles(grid))
-        return None if lifted is None else dataclasses.replace(lifted, gm=lower(lifted.gm, options.inner))
+        return None if lifted is None else dataclasses.replace(lifted, gm=lower(lifted.gm, options.inner, host_loop=options.roll))
     except Exception as e:  # noqa: BLE001 - an optimisation: never worth a crash
         log.warning("diagpass: weight stacks not lifted (%s); weights are copied per call",
                     logs.first_line(e), exc_info=log.isEnabledFor(logging.DEBUG))

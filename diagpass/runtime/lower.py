@@ -6,8 +6,8 @@ Before (``ir.rewrite.BatchedGraph``)::
 
 After::
 
-    out = diag_t2_g0(x, A, w_q_0_1)     # BatchedCell (vmap), or with roll a
-                                        # CompiledGroup: a kernel from the cache
+    out = diag_t2_g0(x, A, w_q_0_1)     # BatchedCell (vmap), or for the host loop
+                                        # (roll) a CompiledGroup: a kernel from the cache
 
 The graph is copied; the IR graph is left as the pass produced it.
 """
@@ -23,13 +23,15 @@ from diagpass.runtime.batched_cell import BatchedCell
 from diagpass.runtime.kernel_cache import CompiledGroup
 
 
-def lower(gm: fx.GraphModule, inner: str) -> fx.GraphModule:
+def lower(gm: fx.GraphModule, inner: str, host_loop: bool = True) -> fx.GraphModule:
+    """``host_loop``: calls emitted for it (``GroupCall.rolled``) take their
+    kernels from the cache; False leaves them ``BatchedCell`` (regions)."""
     lowered, _ = copy_graph_module(gm)
     for name, call in list(gm.named_children()):
         if not isinstance(call, GroupCall):
             continue
         module = BatchedCell(call.template, call.in_dims, call.group_size)
-        if call.rolled:
+        if call.rolled and host_loop:
             module = CompiledGroup(module, call.structure, inner)
         setattr(lowered, name, module)
         counters["lower"]["group_modules"] += 1

@@ -2,6 +2,7 @@
 
 import gc
 
+import pytest
 import torch
 import torch.fx as fx
 
@@ -37,6 +38,7 @@ def _op_calls(gm: fx.GraphModule):
     return [n for n in gm.graph.nodes if n.target is torch.ops.diagpass.group_call.default]
 
 
+@pytest.mark.slow  # Inductor compiles of an opt-in path (compile_glue); CI runs -m slow too
 def test_inference_compiles_the_glue_around_opaque_group_calls(monkeypatch):
     clear_kernel_cache()
     seen = _glue_graphs(monkeypatch)
@@ -68,6 +70,7 @@ def test_without_the_option_the_glue_runs_eagerly(monkeypatch):
     assert diagpass.counters["roll"]["group_calls"] > 0
 
 
+@pytest.mark.slow  # Inductor compiles of an opt-in path (compile_glue); CI runs -m slow too
 def test_a_graph_that_needs_gradients_keeps_its_glue_eager():
     """The op has no autograd formula: with gradients the glue runs as Python
     around the kernels, whose own backward runs (gradients as exact as eager)."""
@@ -124,6 +127,7 @@ def test_outputs_that_alias_an_input_or_each_other_are_copied():
     torch.testing.assert_close(outs[3], fresh.t(), rtol=0, atol=0)
 
 
+@pytest.mark.slow  # Inductor compiles of an opt-in path (compile_glue); CI runs -m slow too
 def test_registry_forgets_the_groups_of_a_dropped_graph():
     clear_kernel_cache()
     model = _model(layers=2)

@@ -1,0 +1,75 @@
+"""Shared subgraphs: every group call an ``invoke_subgraph`` of a subgraph shared by equal calls."""
+
+import torch
+from torch._higher_order_ops.invoke_subgraph import invoke_subgraph
+
+import diagpass
+from diagpass.counters import counters
+from diagpass.models.armt import build_armt, randomize_memory_
+from diagpass.options import Options
+from diagpass.runtime.subgraphs import as_shared_subgraphs
+from diagpass.testing import assert_matches_eager
+from tests.helpers import analyze, dynamo_graph
+
+
+def _model(layers=3):
+    model = build_armt("llama", num_layers=layers, segment_size=8, num_mem_tokens=2, d_mem=8, seed=3)
+    return randomize_memory_(model).eval()
+
+
+def _subgraphs_of(model, segments: int):
+    ids = torch.randint(0, 128, (1, 8 * segments), generator=torch.Generator().manual_seed(0))
+    gm, example_inputs = dynamo_graph(model, ids)
+    rewritten, _ = analyze(gm, Options(cost_model=False), example_inputs)
+    assert rewritten is not None
+    shared = as_shared_subgraphs(rewritten)
+    calls = [n for n in shared.graph.nodes if n.op == "call_function" and n.target is invoke_subgraph]
+    return rewritten, shared, calls
+
+
+def test_every_cell_is_a_call_and_equal_calls_share_one_subgraph():
+    S, L = 6, 3
+    rewritten, shared, calls = _subgraphs_of(_model(L), S)
+    # no BatchedCell call is left inline: every cell of the grid runs in a subgraph
+    assert not [n for n in shared.graph.nodes if n.op == "call_module"]
+    assert len(calls) == len([n for n in rewritten.graph.nodes if n.op == "call_module"])
+    names = [c.args[0].target for c in calls]
+    assert all(c.args[1] == c.args[0].target for c in calls)  # one identifier per subgraph
+    assert len(set(names)) < len(calls)  # the steady state shares
+    # batched: the middle segments' full wavefronts run L cells in one call
+    widths = [getattr(shared, c.args[0].target).batched.group_size for c in calls]
+    assert widths.count(L) >= (S - 2) - L + 1
+    assert widths.count(1) > 0  # and single cells are calls too
+
+
+def test_the_number_of_subgraphs_does_not_grow_with_the_segments():
+    model = _model(3)
+    _, _, short = _subgraphs_of(model, 5)
+    _, _, long = _subgraphs_of(model, 9)
+    assert len(long) > len(short)
+    assert len({c.args[0].target for c in long}) == len({c.args[0].target for c in short})
+
+
+def test_calls_whose_arguments_differ_get_subgraphs_of_their_own():
+    rewritten, shared, calls = _subgraphs_of(_model(3), 6)
+    by_name = {}
+    for c in calls:
+        metas = tuple(
+            (tuple(v.shape), tuple(v.stride()), v.dtype, v.requires_grad)
+            for a in c.args[2:] for v in [a.meta.get("example_value", a.meta.get("val"))]
+        )
+        by_name.setdefault(c.args[0].target, set()).add(metas)
+    assert all(len(metas) == 1 for metas in by_name.values())
+
+
+def test_inference_with_inductor_runs_shared_subgraphs_and_matches_eager():
+    model = _model(3)
+    ids = torch.randint(0, 128, (2, 8 * 5), generator=torch.Generator().manual_seed(1))
+    counters.clear()
+    fast = torch.compile(model, backend="diagonal", options={"cost_model": False})
+    with torch.no_grad():
+        out = fast(ids)
+    assert_matches_eager(model, out, ids)
+    assert counters["subgraphs"]["calls"] > counters["subgraphs"]["subgraphs"] > 0
+    assert counters["batch"]["groups"] > 0
+    assert diagpass.reports()[-1].reason is None
