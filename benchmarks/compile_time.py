@@ -11,6 +11,11 @@ Each (S, L, mode) runs in a fresh subprocess (no warm caches). Modes:
   regions     rolled, and the decoder layers marked with
               diagpass.mark_compile_regions (torch.compiler.nested_compile_region):
               Dynamo traces a layer body once instead of S x L times
+  batched     options={"cost_model": False}: batched whatever the cost and memory
+              rules say, each distinct call a shared subgraph (the default runtime)
+  batched_inline  the same with shared_subgraphs=False (every call inlined)
+  seq_shared  options={"shared_sequential": True}: the default options, where the
+              memory rule refuses, the sequential graph as shared subgraphs
 Columns: dynamo_s (Dynamo trace: call start -> backend entered), backend_s
 (passes + inner compile + kernel compiles during the first call), first_s
 (first call total), steady_ms (median of 5 calls), max abs diff of the output vs
@@ -41,7 +46,9 @@ CHILD = textwrap.dedent(
     model = build_armt("llama", num_layers=L, segment_size=8, num_mem_tokens=2, d_mem=8)
     randomize_memory_(model)
     ids = torch.randint(0, 128, (1, 8 * S))
-    opts = {"sequential": {"enabled": False}, "diagonal": {}, "rolled": {"roll": True}, "regions": {"roll": True}}[mode]
+    opts = {"sequential": {"enabled": False}, "diagonal": {}, "rolled": {"roll": True}, "regions": {"roll": True},
+            "batched": {"cost_model": False}, "batched_inline": {"cost_model": False, "shared_subgraphs": False},
+            "seq_shared": {"shared_sequential": True}}[mode]
     if mode == "regions":
         diagpass.mark_compile_regions(layer.layer for layer in model.layers)
     fast = torch.compile(model, backend="diagonal", options=opts)

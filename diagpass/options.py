@@ -40,10 +40,10 @@ class Options:
                calls, not the segments. False inlines every call (the unrolled
                graph); graphs that need gradients always inline.
     shared_sequential: the sequential graph the cost and memory rules fall
-               back to is run cell by cell with shared subgraphs too (inference,
+               back to runs cell by cell with shared subgraphs too (inference,
                Inductor): its compile cost then follows the distinct cells, not
-               S x L. Off by default: on the tiny reference model it ran slower
-               than Inductor's inline sequential graph (README).
+               S x L (measured against Inductor's inline sequential graph in the
+               README). False compiles Dynamo's graph inline.
     roll:      compile each distinct batched step once (cached across graphs
                and segment counts) and run the schedule as a host loop, glue
                eager; compile cost independent of the number of segments.
@@ -69,7 +69,7 @@ class Options:
     enabled: bool = True
     roll: bool = False
     shared_subgraphs: bool = True
-    shared_sequential: bool = False
+    shared_sequential: bool = True
     cost_model: bool = True
     max_memory_ratio: float = 1.1
     measure_band: float = 4.0

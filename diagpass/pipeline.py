@@ -213,7 +213,7 @@ def rewrite(grid: CellGrid, graph: CellGraph, sched: Schedule, options: Options,
     trials.check(lowered)
     for where, cause in batched.unbatchable:  # the other groups batched: one line per cause
         log.info("diagpass: %s runs cell by cell: its batched call does not trace (%s)", where, cause)
-    stacked = _lifted(gm, grid, options) if static else None
+    stacked = _lifted(lowered, grid) if static else None  # lowered: the check gave its nodes values
     return Rewrite(lowered, stacked, batched.batched_groups, batched.unbatchable)
 
 
@@ -284,10 +284,9 @@ def _fallback(st: _Stages):
         log.warning("diagpass: %s", st.reason, exc_info=log.isEnabledFor(logging.DEBUG))
 
 
-def _lifted(gm: fx.GraphModule, grid: CellGrid, options: Options) -> Optional[LiftedStacks]:
+def _lifted(gm: fx.GraphModule, grid: CellGrid) -> Optional[LiftedStacks]:
     try:
-        lifted = lift_weight_stacks(gm, _roles(grid))
-        return None if lifted is None else dataclasses.replace(lifted, gm=lower(lifted.gm, options.inner, host_loop=options.roll))
+        return lift_weight_stacks(gm, _roles(grid))
     except Exception as e:  # noqa: BLE001 - an optimisation: never worth a crash
         log.warning("diagpass: weight stacks not lifted (%s); weights are copied per call",
                     logs.first_line(e), exc_info=log.isEnabledFor(logging.DEBUG))

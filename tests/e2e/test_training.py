@@ -110,3 +110,5 @@ def test_gradients_equal_eager_inductor():
         model, _ids(1, 4), options={"inner": "inductor", "cost_model": False}, grads=True, expect_batched=True, rtol=1e-4, atol=1e-4
     )
     assert report.batched
+    # with gradients the calls are inlined: Inductor's backward of shared subgraphs is wrong in torch 2.13
+    assert not diagpass.counters["subgraphs"]["calls"]

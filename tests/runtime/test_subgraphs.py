@@ -50,6 +50,22 @@ def test_the_number_of_subgraphs_does_not_grow_with_the_segments():
     assert len({c.args[0].target for c in long}) == len({c.args[0].target for c in short})
 
 
+def test_the_variant_reading_stored_stacks_shares_as_much():
+    # its group calls read views of the stacks: they carry the check's metadata too
+    from diagpass.pipeline import run
+
+    ids = torch.randint(0, 128, (1, 8 * 6), generator=torch.Generator().manual_seed(0))
+    gm, example_inputs = dynamo_graph(_model(3), ids)
+    plan = run(gm, Options(cost_model=False), example_inputs)
+    names = {}
+    for variant in (plan.rewrite.gm, plan.rewrite.stacked.gm):
+        shared = as_shared_subgraphs(variant)
+        calls = [n for n in shared.graph.nodes if n.op == "call_function" and n.target is invoke_subgraph]
+        names[variant] = (len(calls), len({c.args[0].target for c in calls}))
+    (copying, stacked) = names.values()
+    assert stacked == copying and stacked[1] < stacked[0]
+
+
 def test_calls_whose_arguments_differ_get_subgraphs_of_their_own():
     rewritten, shared, calls = _subgraphs_of(_model(3), 6)
     by_name = {}
