@@ -100,6 +100,7 @@ def test_optimizer_steps_keep_the_layout_and_training_copies():
     assert diagpass.counters["stacked_weights"]["view_calls"] == 1
 
 
+@pytest.mark.slow  # Inductor under dynamic shapes; CI runs -m slow too
 def test_dynamic_shapes_never_lift():
     model = _model()
     fast = torch.compile(model, backend="diagonal", options={"inner": "eager"}, dynamic=True)

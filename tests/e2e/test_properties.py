@@ -128,6 +128,7 @@ def test_random_models_match_eager_soak(kind):
     check()
 
 
+@pytest.mark.slow  # the gradient property test; CI runs -m slow too
 @settings(max_examples=max(3, PER_KIND // 4), suppress_health_check=_CHECKS, database=None)
 @given(drawn=rmt_models(max_layers=3, max_segments=5, max_batch=2, minimal=True))
 def test_random_models_aot_eager_with_grads(drawn):

@@ -60,6 +60,7 @@ def _model():
     return model
 
 
+@pytest.mark.slow  # two Inductor variants compiled; CI runs -m slow too
 def test_a_close_estimate_times_both_and_keeps_one_exactly():
     model = _model()
     ids = torch.randint(0, 128, (1, 8 * 5))

@@ -43,9 +43,9 @@ def test_every_cell_is_a_call_and_equal_calls_share_one_subgraph():
 
 
 def test_the_number_of_subgraphs_does_not_grow_with_the_segments():
-    model = _model(3)
-    _, _, short = _subgraphs_of(model, 5)
-    _, _, long = _subgraphs_of(model, 9)
+    model = _model(2)
+    _, _, short = _subgraphs_of(model, 4)
+    _, _, long = _subgraphs_of(model, 7)
     assert len(long) > len(short)
     assert len({c.args[0].target for c in long}) == len({c.args[0].target for c in short})
 
