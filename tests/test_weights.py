@@ -132,6 +132,7 @@ def test_gqa_with_weights_stored_stacked_compiles_batches_and_matches():
     assert diagpass.counters["stacked_weights"]["stacked_graphs_compiled"] == before + 1
 
 
+@pytest.mark.slow  # Inductor compiles; CI runs -m slow too
 def test_cached_stacks_serve_inference_and_follow_every_weight_update():
     """cache_weight_stacks: stacked once, reused, rebuilt after an in-place update
     (a stale stack would give the old weights' output)."""

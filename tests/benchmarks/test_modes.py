@@ -1,5 +1,6 @@
 """Benchmark modes of issue 16: the even-load bound and the bound-share column (eager only,
 tiny shapes, no compile: these check what the modes compute, not how fast)."""
+import pytest
 import torch
 
 from benchmarks import report
@@ -64,6 +65,7 @@ def test_table_shows_bound_share_and_fusions():
     assert rows[report.MODE_NAMES["bound"]].endswith("|  |")
 
 
+@pytest.mark.slow  # Inductor compiles; CI runs -m slow too
 def test_compile_modes_records_each_diagonal_report():
     """The runner's first-call pass on the quick config (no Inductor): every mode runs,
     and the diagonal modes carry the backend's report (a stale import broke this once)."""

@@ -33,6 +33,7 @@ def _layer_weight_bytes(model):
     return sum(p.numel() * p.element_size() for layer in model.layers for p in layer.parameters())
 
 
+@pytest.mark.slow  # Inductor compiles; CI runs -m slow too
 def test_cost_counts_every_layer_weight_and_matmuls_linear_in_segments():
     model = _model()
     reports = []
@@ -125,6 +126,7 @@ def test_inductor_on_cpu_leaves_tiny_model_sequential_and_says_why():
     assert diagpass.counters["batch"]["cells"] == 0  # refused before the batch pass ran
 
 
+@pytest.mark.slow  # Inductor compiles; CI runs -m slow too
 def test_cost_refusal_is_revisited_per_call_when_weights_get_stacked(monkeypatch):
     """Dynamo does not guard on storage: the graph compiled (sequentially, by the cost rule)
     for copied weights is reused after ``stack_weights_``; that call must batch."""
