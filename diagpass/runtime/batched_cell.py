@@ -25,6 +25,7 @@ The template is cut at every direct node into pieces; pieces run under vmap.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -180,6 +181,15 @@ class BatchedCell(torch.nn.Module):
         if batched or not isinstance(value, torch.Tensor):
             return value
         return value.expand(G, *value.shape)
+
+    def as_graph(self, args, is_input) -> fx.GraphModule:
+        """One call of this module as a graph: the arguments ``is_input`` accepts
+        are placeholders, the others constants; the output is the tuple of results."""
+        g = fx.Graph()
+        call_args = [g.placeholder(f"arg{i}") if is_input(a) else a for i, a in enumerate(args)]
+        call = g.call_module("batched", tuple(call_args))
+        g.output(tuple(g.call_function(operator.getitem, (call, j)) for j in range(len(self._final))))
+        return fx.GraphModule({"batched": self}, g)
 
     def forward(self, *args):
         G = self._group_size(args)

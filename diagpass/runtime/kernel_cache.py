@@ -38,7 +38,6 @@ per group (measured in benchmarks/).
 
 from __future__ import annotations
 
-import operator
 from typing import Callable, Dict, List, Optional, Tuple
 
 import sympy
@@ -129,11 +128,7 @@ class CompiledGroup(torch.nn.Module):
         """The group call on the tensor arguments; non-tensors (ints such as
         a batch size, already in the cache key) are constants of the graph,
         not inputs AOTAutograd would turn into symbols."""
-        g = fx.Graph()
-        call_args = [g.placeholder(f"arg{i}") if isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
-        call = g.call_module("batched", tuple(call_args))
-        g.output(tuple(g.call_function(operator.getitem, (call, j)) for j in range(len(self.batched._final))))
-        return fx.GraphModule({"batched": self.batched}, g)
+        return self.batched.as_graph(args, lambda a: isinstance(a, torch.Tensor))
 
     def _symbolic(self, args) -> bool:
         stacked = [a for a, d in zip(args, self.batched.in_dims) if d is not None]

@@ -29,7 +29,6 @@ are per op. Non-tensor arguments become constants of the subgraph.
 from __future__ import annotations
 
 import itertools
-import operator
 from typing import Dict, Optional
 
 import torch.fx as fx
@@ -54,7 +53,7 @@ def as_shared_subgraphs(gm: fx.GraphModule) -> fx.GraphModule:
         name = names.get(key) if key is not None else None
         if name is None:
             name = f"diagpass_subgraph_{next(_IDS)}"
-            setattr(out, name, _subgraph(module, node.args))
+            setattr(out, name, module.as_graph(node.args, lambda a: isinstance(a, fx.Node)))
             counters["subgraphs"]["subgraphs"] += 1
             if key is not None:
                 names[key] = name
@@ -81,12 +80,3 @@ def _call_key(node: fx.Node) -> Optional[tuple]:
     if not all(isinstance(c, (int, float, bool, str, type(None))) for _, c in constants):
         return None
     return (node.target, meta, constants)
-
-
-def _subgraph(module: BatchedCell, args: tuple) -> fx.GraphModule:
-    """The call as a graph: tensor arguments are placeholders, the rest constants."""
-    g = fx.Graph()
-    call_args = [g.placeholder(f"arg{i}") if isinstance(a, fx.Node) else a for i, a in enumerate(args)]
-    call = g.call_module("batched", tuple(call_args))
-    g.output(tuple(g.call_function(operator.getitem, (call, j)) for j in range(len(module._final))))
-    return fx.GraphModule({"batched": module}, g)
