@@ -182,13 +182,15 @@ class BatchedCell(torch.nn.Module):
             return value
         return value.expand(G, *value.shape)
 
-    def as_graph(self, args, is_input) -> fx.GraphModule:
+    def as_graph(self, args, is_input, outputs: Optional[Sequence[int]] = None) -> fx.GraphModule:
         """One call of this module as a graph: the arguments ``is_input`` accepts
-        are placeholders, the others constants; the output is the tuple of results."""
+        are placeholders, the others constants; the output is the tuple of results
+        (those numbered in ``outputs``, when given)."""
         g = fx.Graph()
         call_args = [g.placeholder(f"arg{i}") if is_input(a) else a for i, a in enumerate(args)]
         call = g.call_module("batched", tuple(call_args))
-        g.output(tuple(g.call_function(operator.getitem, (call, j)) for j in range(len(self._final))))
+        kept = range(len(self._final)) if outputs is None else outputs
+        g.output(tuple(g.call_function(operator.getitem, (call, j)) for j in kept))
         return fx.GraphModule({"batched": self}, g)
 
     def forward(self, *args):

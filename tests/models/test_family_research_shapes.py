@@ -61,3 +61,16 @@ def test_research_code_shapes_train_exactly():
     before = diagpass.counters["autocast"]["noop_regions_dropped"]
     assert_equivalent(model, ids, options={"inner": "aot_eager", "cost_model": False}, grads=True, expect_batched=True)
     assert diagpass.counters["autocast"]["noop_regions_dropped"] > before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["associative", "xl_cache"])
+def test_research_code_shapes_under_inductor_shared_subgraphs(kind):
+    # the default execution (every call a shared subgraph) on in-place ops, &/| masks,
+    # autocast regions; xl_cache returns views of its inputs (computed outside the subgraph)
+    model = build_family_model(_config(kind, **SHAPES["all"]), seed=3).eval()
+    ids = torch.randint(0, 32, (2, S * SEG), generator=torch.Generator().manual_seed(0))
+    calls = diagpass.counters["subgraphs"]["calls"]
+    with torch.no_grad():
+        assert_equivalent(model, ids, options={"cost_model": False}, expect_batched=True)
+    assert diagpass.counters["subgraphs"]["calls"] > calls

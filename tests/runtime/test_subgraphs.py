@@ -7,6 +7,7 @@ import diagpass
 from diagpass.counters import counters
 from diagpass.models.armt import build_armt, randomize_memory_
 from diagpass.options import Options
+from diagpass.runtime.subgraph_aliasing import call_aliasing
 from diagpass.runtime.subgraphs import as_shared_subgraphs
 from diagpass.testing import assert_matches_eager
 from tests.helpers import analyze, dynamo_graph
@@ -89,3 +90,41 @@ def test_inference_with_inductor_runs_shared_subgraphs_and_matches_eager():
     assert counters["subgraphs"]["calls"] > counters["subgraphs"]["subgraphs"] > 0
     assert counters["batch"]["groups"] > 0
     assert diagpass.reports()[-1].reason is None
+
+
+def _xl_cache_model():
+    from diagpass.models.family import FamilyConfig, build_family_model
+
+    config = FamilyConfig(vocab_size=32, d_model=16, n_layers=3, n_heads=2, segment_size=4, num_mem_tokens=2,
+                          memory_kind="xl_cache")
+    return build_family_model(config, seed=3).eval()
+
+
+def test_outputs_that_view_an_operand_are_computed_outside_the_subgraph():
+    # a Transformer-XL cell returns its input hidden states (detached) as the next
+    # segment's cache; returned from a subgraph, Inductor would reuse that buffer
+    ids = torch.randint(0, 32, (2, 4 * 5), generator=torch.Generator().manual_seed(0))
+    gm, example_inputs = dynamo_graph(_xl_cache_model(), ids)
+    rewritten, _ = analyze(gm, Options(cost_model=False), example_inputs)
+    counters.clear()
+    shared = as_shared_subgraphs(rewritten)
+    assert counters["subgraphs"]["outputs_as_views"] > 0
+    assert not [n for n in shared.graph.nodes if n.op == "call_module"]  # and still every call a subgraph
+    for call in shared.graph.find_nodes(op="call_function", target=invoke_subgraph):
+        operands = [a.meta.get("example_value", a.meta.get("val")) for a in call.args[2:]]
+        aliasing, _ = call_aliasing(getattr(shared, call.args[0].target), operands)
+        assert aliasing.views == ()  # what a subgraph returns is fresh
+    with torch.no_grad():
+        torch.testing.assert_close(shared(*example_inputs), rewritten(*example_inputs), rtol=0, atol=0)
+
+
+def test_a_transformer_xl_cache_under_inductor_matches_eager_by_default():
+    # default options: the cost rule sends this tiny model cell by cell, as shared subgraphs
+    model = _xl_cache_model()
+    ids = torch.randint(0, 32, (2, 4 * 5), generator=torch.Generator().manual_seed(0))
+    counters.clear()
+    fast = torch.compile(model, backend="diagonal")
+    with torch.no_grad():
+        out = fast(ids)
+    assert_matches_eager(model, out, ids)
+    assert counters["subgraphs"]["calls"] > 0 and counters["subgraphs"]["outputs_as_views"] > 0
