@@ -86,6 +86,9 @@ def model_key(mode: str) -> str:
 def build_for_mode(point: Point, mode: str, device: str = "cpu"):
     """``build`` for a mode's key; ``bound`` wraps the plain ARMT (benchmarks.bound)."""
     key = model_key(mode)
+    if key == "bound" and point.shape.model != "armt":
+        raise ValueError(f"the even-load bound is built for ARMT only (benchmarks/bound.py), not for "
+                         f"the family model {point.shape.model!r}: leave the bound mode out")
     m = build(point, key == "base", device, stacked=key == "stacked")
     if key == "bound":
         from .bound import build_bound
@@ -193,13 +196,13 @@ def compile_modes(point: Point, modes: List[str], device: str = "cpu", log=print
     with torch.no_grad():
         for mode in modes:
             key = model_key(mode)
-            if key not in models:
-                models[key] = build_for_mode(point, mode, device)
-            if cold:
-                torch._dynamo.reset()
-            fn = make_fn(mode, models[key])
             fused0 = fusion_counts()
             try:
+                if key not in models:
+                    models[key] = build_for_mode(point, mode, device)
+                if cold:
+                    torch._dynamo.reset()
+                fn = make_fn(mode, models[key])
                 first = _timed(fn, x, device)
             except Exception as e:  # record and go on
                 log(f"  {mode}: FAILED {type(e).__name__}: {e}")

@@ -97,3 +97,13 @@ def test_non_armt_points_build_the_family_model_with_that_memory():
     assert isinstance(model, RecurrentTransformer) and model.config.memory_kind == "gated"
     with torch.no_grad():
         assert model(runner.inputs(point)).shape == (1, 24, shape.vocab_size)
+
+
+def test_the_bound_of_a_family_model_is_refused_by_name_before_building():
+    # the bound is ARMT's; a sweep over a family model used to crash the whole run
+    from benchmarks.configs import CONFIGS
+    from benchmarks.runner import build_for_mode
+
+    (point,) = CONFIGS["sweep-gated"].points()
+    with pytest.raises(ValueError, match="ARMT only.*leave the bound mode out"):
+        build_for_mode(point, "bound")
