@@ -14,8 +14,8 @@ Each (S, L, mode) runs in a fresh subprocess (no warm caches). Modes:
   batched     options={"cost_model": False}: batched whatever the cost and memory
               rules say, each distinct call a shared subgraph (the default runtime)
   batched_inline  the same with shared_subgraphs=False (every call inlined)
-  seq_shared  options={"shared_sequential": True}: the default options, where the
-              memory rule refuses, the sequential graph as shared subgraphs
+  seq_inline  options={"shared_sequential": False}: where the memory rule refuses,
+              the sequential graph inline (the default runs it as shared subgraphs)
 Columns: dynamo_s (Dynamo trace: call start -> backend entered), backend_s
 (passes + inner compile + kernel compiles during the first call), first_s
 (first call total), steady_ms (median of 5 calls), max abs diff of the output vs
@@ -48,7 +48,7 @@ CHILD = textwrap.dedent(
     ids = torch.randint(0, 128, (1, 8 * S))
     opts = {"sequential": {"enabled": False}, "diagonal": {}, "rolled": {"roll": True}, "regions": {"roll": True},
             "batched": {"cost_model": False}, "batched_inline": {"cost_model": False, "shared_subgraphs": False},
-            "seq_shared": {"shared_sequential": True}}[mode]
+            "seq_inline": {"shared_sequential": False}}[mode]
     if mode == "regions":
         diagpass.mark_compile_regions(layer.layer for layer in model.layers)
     fast = torch.compile(model, backend="diagonal", options=opts)

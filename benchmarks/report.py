@@ -11,7 +11,7 @@ MODE_NAMES = {
     "inductor_bl": "Inductor sequential + Optimus batch_linear (pre+post grad)",
     "diagonal": "diagonal (Inductor)",
     "diag_stacked": "diagonal (Inductor), weights stored stacked",
-    "seq_shared": "diagonal (Inductor), shared_sequential: the sequential fallback as shared subgraphs",
+    "seq_inline": "diagonal (Inductor), shared_sequential=False: the sequential fallback inline",
     "stacked_inline": "diagonal (Inductor), weights stored stacked, calls inlined (shared subgraphs off)",
     "diag_cached": "diagonal (Inductor), cache_weight_stacks",
     "diag_aot": "diagonal (aot_eager)",

@@ -42,8 +42,10 @@ class Options:
     shared_sequential: the sequential graph the cost and memory rules fall
                back to runs cell by cell with shared subgraphs too (inference,
                Inductor): its compile cost then follows the distinct cells, not
-               S x L (measured against Inductor's inline sequential graph in the
-               README). False compiles Dynamo's graph inline.
+               S x L, but it ran 4-6% slower than Inductor's inline sequential
+               graph on some configs and 14% faster on others (README). Off by
+               default (never slower than ``torch.compile(model)``): Dynamo's
+               graph compiles inline.
     roll:      compile each distinct batched step once (cached across graphs
                and segment counts) and run the schedule as a host loop, glue
                eager; compile cost independent of the number of segments.
@@ -69,7 +71,7 @@ class Options:
     enabled: bool = True
     roll: bool = False
     shared_subgraphs: bool = True
-    shared_sequential: bool = True
+    shared_sequential: bool = False
     cost_model: bool = True
     max_memory_ratio: float = 1.1
     measure_band: float = 4.0
