@@ -106,6 +106,7 @@ def _replace(out: fx.GraphModule, node: fx.Node, name: str, aliasing: CallAliasi
     with graph.inserting_before(node):
         call = graph.call_function(invoke_subgraph, (graph.get_attr(name), name, *operands))
     call.meta.update(node.meta)
+    call.meta.pop("val", None)
     call.meta["example_value"] = tuple(example_value(node)[j] for j in fresh)
     for user in list(node.users):
         j = user.args[1]
@@ -115,7 +116,8 @@ def _replace(out: fx.GraphModule, node: fx.Node, name: str, aliasing: CallAliasi
                 counters["subgraphs"]["outputs_as_views"] += 1
             else:
                 new = graph.call_function(operator.getitem, (call, fresh.index(j)))
-        new.meta.update(user.meta)
+        if new not in operands:  # an empty view chain is the operand itself: its meta stays its own
+            new.meta.update(user.meta)
         user.replace_all_uses_with(new)
         graph.erase_node(user)
     graph.erase_node(node)
