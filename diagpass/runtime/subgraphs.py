@@ -21,9 +21,8 @@ After::
 
 One identifier means one traced subgraph, so calls share one only when their
 module and the metadata (shape, stride, dtype, requires_grad) of every argument
-are equal; a call whose arguments carry no static metadata gets a subgraph of its
-own. Calls inside ``torch.utils.checkpoint`` stay inline: their recompute tags
-are per op. Non-tensor arguments become constants of the subgraph.
+are equal; a call whose arguments carry no static metadata stays inline, and so
+do calls inside ``torch.utils.checkpoint``: their recompute tags are per op. Non-tensor arguments become constants of the subgraph.
 
 A subgraph must not mutate an operand nor return an alias
 (``runtime/subgraph_aliasing.py``): an output that is a view of an operand is
@@ -67,9 +66,10 @@ def as_shared_subgraphs(gm: fx.GraphModule) -> fx.GraphModule:
         if key is not None and key not in made:
             made[key] = _subgraph(out, module, node)
         name, aliasing = made[key] if key is not None else (None, None)
-        if name is None:
+        if name is None:  # why: from the key, or logged once by _subgraph for all calls of that key
             counters["subgraphs"]["calls_inline"] += 1
-            log.debug("diagpass: group call %s stays inline: %s", node.name, why or "its subgraph would alias (above)")
+            if why:
+                log.debug("diagpass: group call %s stays inline: %s", node.name, why)
             continue
         _replace(out, node, name, aliasing)
     out.graph.lint()
@@ -89,6 +89,7 @@ def _subgraph(out: fx.GraphModule, module: BatchedCell, node: fx.Node) -> Tuple[
         return None, None
     fresh = aliasing.fresh_outputs(len(example_value(node)))
     if not fresh:
+        log.info("diagpass: group call %s stays inline: every output is a view of an operand", node.name)
         return None, None
     name = f"diagpass_subgraph_{next(_IDS)}"
     setattr(out, name, module.as_graph(node.args, lambda a: isinstance(a, fx.Node), outputs=fresh))

@@ -79,14 +79,18 @@ def test_calls_whose_arguments_differ_get_subgraphs_of_their_own():
     assert all(len(metas) == 1 for metas in by_name.values())
 
 
-def test_inference_with_inductor_runs_shared_subgraphs_and_matches_eager():
-    model = _model(3)
-    ids = torch.randint(0, 128, (2, 8 * 5), generator=torch.Generator().manual_seed(1))
+def _inductor_inference_matches_eager(model, ids, options):
+    """Compiled with ``options`` (Inductor, counters cleared first), one inference call equals eager."""
     counters.clear()
-    fast = torch.compile(model, backend="diagonal", options={"cost_model": False})
+    fast = torch.compile(model, backend="diagonal", options=options)
     with torch.no_grad():
         out = fast(ids)
     assert_matches_eager(model, out, ids)
+
+
+def test_inference_with_inductor_runs_shared_subgraphs_and_matches_eager():
+    ids = torch.randint(0, 128, (2, 8 * 5), generator=torch.Generator().manual_seed(1))
+    _inductor_inference_matches_eager(_model(3), ids, {"cost_model": False})
     assert counters["subgraphs"]["calls"] > counters["subgraphs"]["subgraphs"] > 0
     assert counters["batch"]["groups"] > 0
     assert diagpass.reports()[-1].reason is None
@@ -120,11 +124,6 @@ def test_outputs_that_view_an_operand_are_computed_outside_the_subgraph():
 
 def test_a_transformer_xl_cache_cell_by_cell_under_inductor_matches_eager():
     # the cost rule sends this tiny model to the sequential graph, here cell by cell as shared subgraphs
-    model = _xl_cache_model()
     ids = torch.randint(0, 32, (2, 4 * 5), generator=torch.Generator().manual_seed(0))
-    counters.clear()
-    fast = torch.compile(model, backend="diagonal", options={"shared_sequential": True})
-    with torch.no_grad():
-        out = fast(ids)
-    assert_matches_eager(model, out, ids)
+    _inductor_inference_matches_eager(_xl_cache_model(), ids, {"shared_sequential": True})
     assert counters["subgraphs"]["calls"] > 0 and counters["subgraphs"]["outputs_as_views"] > 0
