@@ -22,7 +22,8 @@ After::
 One identifier means one traced subgraph, so calls share one only when their
 module and the metadata (shape, stride, dtype, requires_grad) of every argument
 are equal; a call whose arguments carry no static metadata stays inline, and so
-do calls inside ``torch.utils.checkpoint``: their recompute tags are per op. Non-tensor arguments become constants of the subgraph.
+do calls inside ``torch.utils.checkpoint``: their recompute tags are per op.
+Non-tensor arguments become constants of the subgraph.
 
 A subgraph must not mutate an operand nor return an alias
 (``runtime/subgraph_aliasing.py``): an output that is a view of an operand is
