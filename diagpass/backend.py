@@ -12,7 +12,6 @@ traceback from the pass.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Callable, Optional
 
@@ -26,10 +25,10 @@ from diagpass.fx_facts import copy_graph_module
 from diagpass.options import Options
 from diagpass.pipeline import Plan
 from diagpass.report import record
-from diagpass.runtime.dispatch import GraphDispatch, Lazy, MeasuredChoice, needs_grad, verified
+from diagpass.runtime.dispatch import GraphDispatch, Lazy, MeasuredChoice, needs_grad, recorded, verified
 from diagpass.runtime.group_op import compile_glue
 from diagpass.runtime.inner import inner_compile
-from diagpass.runtime.subgraphs import as_shared_subgraphs
+from diagpass.runtime.subgraphs import compile_shared_subgraphs
 from diagpass.weights import WeightStackCache
 
 
@@ -52,17 +51,18 @@ def diagonal_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict]
 def _compile(plan: Plan, example_inputs) -> Callable:
     """Compile now what these inputs run; the other variants on their first call.
     The closures keep the compiled graphs, not the plan (grid, schedule, IR)."""
-    rewrite, options = plan.rewrite, plan.options
+    rewrite, options, arity = plan.rewrite, plan.options, len(example_inputs)
     if rewrite is not None:
+        sequential = Lazy(lambda args: _sequential(plan, args))
         copying = Lazy(lambda args: _compile_rewritten(rewrite.gm, args, options))
         if plan.measured:
-            copying = _measured(plan, copying, example_inputs)
+            copying = _measured(plan, copying, sequential, example_inputs)
         if rewrite.stacked is None:
             if plan.measured:
                 return lambda *args: copying(args)(*args)
             return copying(example_inputs)
-        stacked = Lazy(lambda full: _compile_rewritten(rewrite.stacked.gm, full, options),
-                       counter="stacked_graphs_compiled")
+        stacked = _stacked(plan, Lazy(lambda full: _compile_rewritten(rewrite.stacked.gm, full, options),
+                                      counter="stacked_graphs_compiled"), sequential, arity)
         cache = WeightStackCache() if options.cache_weight_stacks else None
         dispatch = GraphDispatch(plan.weight_inputs, stacked, copying=copying, cache=cache)
         if dispatch.views(example_inputs) is None and cache is None:
@@ -76,15 +76,27 @@ def _compile(plan: Plan, example_inputs) -> Callable:
         return inner_compile(plan.gm, example_inputs, plan.options.inner)
     # The cost rule left the graph sequential for copied weights: batched after all on
     # the first call whose weights are stored stacked.
-    sequential = _sequential(plan, example_inputs)
+    compiled = _sequential(plan, example_inputs)
     if plan.weight_inputs is None:
-        return sequential
-    arity = len(example_inputs)
-    return GraphDispatch(
-        plan.weight_inputs,
-        Lazy(lambda full: _batched_when_stacked(plan, full, sequential, arity), counter="batched_after_cost"),
-        sequential=Lazy(lambda args: sequential),
-    )
+        return compiled
+    sequential = Lazy(lambda args: compiled)
+    batched = Lazy(lambda full: _batched_when_stacked(plan, full, compiled, arity), counter="batched_after_cost")
+    return GraphDispatch(plan.weight_inputs, _stacked(plan, batched, sequential, arity), sequential=sequential)
+
+
+def _stacked(plan: Plan, batched: Lazy, sequential: Lazy, arity: int):
+    """What a call reading stored stacks runs: the batched variant, or on CPU the faster of it
+    and the sequential graph, timed on the first calls (``pipeline._measures_stacks``)."""
+    if not plan.stacked_measured:
+        return batched
+    unstacked = Lazy(lambda full: _dropping_stacks(sequential(full[:arity]), arity))
+    return MeasuredChoice({"batched": batched, "sequential": unstacked}, plan.stacked_measured,
+                          on_choice=recorded(plan.report.measured_stacked, "weights stored stacked"))
+
+
+def _dropping_stacks(sequential: Callable, arity: int) -> Callable:
+    """The sequential graph called with a stacked variant's arguments (the stacks trail)."""
+    return lambda *full: sequential(*full[:arity])
 
 
 def _sequential(plan: Plan, example_inputs) -> Callable:
@@ -94,22 +106,16 @@ def _sequential(plan: Plan, example_inputs) -> Callable:
     shared = opts.shared_sequential and opts.compiles_shared_subgraphs and not needs_grad(example_inputs)
     gm = pipeline.sequential_rewrite(plan) if shared else None
     if gm is not None:
-        return _shared_subgraphs(gm, example_inputs, opts)
+        return compile_shared_subgraphs(gm, example_inputs, opts.inner)
     return inner_compile(copy_graph_module(plan.gm)[0], example_inputs, opts.inner)
 
 
-def _measured(plan: Plan, batched: Lazy, example_inputs) -> MeasuredChoice:
+def _measured(plan: Plan, batched: Lazy, sequential: Lazy, example_inputs) -> MeasuredChoice:
     """Both variants compiled now; inference calls then time them (``measure_band``)."""
     batched(example_inputs)
-    sequential = _sequential(plan, example_inputs)
-
-    def chosen(name: str, medians: dict) -> None:
-        plan.report.measured.update(chose=name, **{f"{n}_ms": 1e3 * m for n, m in medians.items()})
-        logs.log.info("diagpass: measured %s; runs %s (the cost rule said %s)",
-                      ", ".join(f"{n} {1e3 * m:.2f} ms" for n, m in medians.items()), name, plan.measured)
-
-    return MeasuredChoice({"batched": batched, "sequential": Lazy(lambda args: sequential)}, plan.measured,
-                          on_choice=chosen)
+    sequential(example_inputs)
+    return MeasuredChoice({"batched": batched, "sequential": sequential}, plan.measured,
+                          on_choice=recorded(plan.report.measured, f"the cost rule said {plan.measured}"))
 
 
 def _batched_when_stacked(plan: Plan, full_args, sequential: Callable, arity: int) -> Callable:
@@ -117,7 +123,7 @@ def _batched_when_stacked(plan: Plan, full_args, sequential: Callable, arity: in
     record(late.report)
     logs.report_graph(late.report, plan.gm, late.rewrite.gm if late.rewrite else None, plan.options.min_group)
     if late.rewrite is None or late.rewrite.stacked is None:
-        return lambda *full: sequential(*full[:arity])
+        return _dropping_stacks(sequential, arity)
     counters["stacked_weights"]["stacked_graphs_compiled"] += 1
     compiled = _compile_rewritten(late.rewrite.stacked.gm, list(full_args), plan.options)
     if not plan.options.verify:
@@ -127,7 +133,7 @@ def _batched_when_stacked(plan: Plan, full_args, sequential: Callable, arity: in
 
 def _compile_rewritten(gm: fx.GraphModule, args, opts: Options) -> Callable:
     if opts.compiles_shared_subgraphs and not needs_grad(args):
-        return _shared_subgraphs(gm, args, opts)
+        return compile_shared_subgraphs(gm, args, opts.inner)
     if not opts.roll:
         return inner_compile(gm, list(args), opts.inner, rewritten=True)
     # roll: kernels compiled once each; glue eager, or compiled in inference (compile_glue)
@@ -136,15 +142,3 @@ def _compile_rewritten(gm: fx.GraphModule, args, opts: Options) -> Callable:
     # on the first call, outside Dynamo's tracing context (the kernels compile then too)
     glue = Lazy(lambda real: compile_glue(gm, real, opts.inner) or gm.forward)
     return lambda *real: glue(real)(*real)
-
-
-def _shared_subgraphs(gm: fx.GraphModule, args, opts: Options) -> Callable:
-    """Each distinct call compiled once (``runtime/subgraphs.py``); inline if that fails.
-    Inference only: Inductor's backward of such subgraphs gave wrong gradients (README)."""
-    try:
-        return inner_compile(as_shared_subgraphs(gm), list(args), opts.inner, rewritten=True)
-    except Exception as e:  # noqa: BLE001 - a compile-time saving: never worth a wrong or failed call
-        counters["subgraphs"]["graphs_inlined"] += 1
-        logs.log.warning("diagpass: the shared subgraphs did not compile (%s); compiling the calls inline",
-                         logs.first_line(e), exc_info=logs.log.isEnabledFor(logging.DEBUG))
-        return inner_compile(gm, list(args), opts.inner, rewritten=True)

@@ -31,7 +31,10 @@ class Options:
                is compiled both batched and sequential, inference calls take
                turns on them, and after three timed calls each the faster one
                runs from then on (``runtime/dispatch.MeasuredChoice``; the
-               outcome is in the report's ``measured``). 1 turns measuring off.
+               outcome is in the report's ``measured``). On CPU a call whose
+               weights are stored stacked copies nothing for the rule to weigh:
+               its batched graph is always timed against the sequential one
+               the same way (``measured_stacked``). 1 turns measuring off.
     shared_subgraphs: with Inductor (and not ``roll``), in inference, every
                cell runs as a call (batched groups and single cells alike) and
                each distinct call is one subgraph Inductor compiles once, the

@@ -103,6 +103,9 @@ class Plan:
     # the cost estimate is too close to call: both variants are timed; this is
     # the one the rule would pick ("batched" | "sequential"), run untimed by calls with gradients
     measured: Optional[str] = None
+    # calls reading stored (or kept) stacks copy nothing for the cost rule to weigh: on CPU
+    # the stacked variant is timed against the sequential graph; the pick before timing
+    stacked_measured: Optional[str] = None
 
 
 class _Stages(types.SimpleNamespace):
@@ -141,13 +144,17 @@ def decide(st: _Stages, example_inputs) -> None:
     on CPU, the FLOP rule agrees, or its estimate is within ``measure_band`` of
     the threshold: then the runtime times both variants (``st.measured``: the
     rule's own pick). Refusals for the copy leave a call whose weights are
-    stored stacked free to batch (``cost_refused``)."""
+    stored stacked free to batch (``cost_refused``); on CPU such a call is
+    timed against the sequential graph (``st.stacked_measured``)."""
     options = st.options
     st.reason = _why_not(st.grid, st.schedule, options)
     if st.reason is not None and not options.roll:
         raise NotBatchable(st.reason)
     if _static(st.gm, example_inputs):  # real inputs, no symbolic size: a stacked variant can serve
         st.weight_inputs = _weight_input_indices(st.gm, st.grid)
+    if _measures_stacks(st, example_inputs):
+        st.stacked_measured = "batched"
+        counters["backend"]["stacked_graphs_measured"] += 1
     if example_inputs is None or not _copies_weights(st, example_inputs):
         return
     if st.cost.copy_memory_ratio > options.max_memory_ratio:
@@ -222,6 +229,7 @@ def rewrite_when_stacked(plan: Plan) -> Plan:
     first call whose weights are stored stacked; the report is a new one."""
     st = _thaw(plan)
     st.cost_refused, st.reason = False, None
+    st.stacked_measured = None  # the timing's outcome goes into the first plan's report
     t0 = time.perf_counter()
     with _gc_paused(), _fallback(st):
         st.rewrite = rewrite(plan.grid, plan.cell_graph, plan.schedule, plan.options, static=True)
@@ -308,6 +316,17 @@ def _copies_weights(st: _Stages, example_inputs) -> bool:
     return stacked_views_at(example_inputs, st.weight_inputs) is None
 
 
+def _measures_stacks(st: _Stages, example_inputs) -> bool:
+    """Reading stored stacks copies nothing, so the FLOP rule has nothing to weigh; on CPU
+    whether batching pays then turns on how full each sequential call already keeps the
+    cores (the small ARMT stored stacked: faster at batch 1, slower at batch 4, README), which
+    no estimate from one machine decides: the runtime times the stacked variant against
+    the sequential graph. ``measure_band=1`` (no measuring) batches them as before."""
+    opts = st.options
+    return (opts.cost_model and opts.inner == "inductor" and not opts.roll and opts.measure_band > 1
+            and st.weight_inputs is not None and _on_cpu(example_inputs))
+
+
 def _on_cpu(example_inputs) -> bool:
     return all(a.device.type == "cpu" for a in example_inputs if isinstance(a, torch.Tensor))
 
@@ -369,6 +388,8 @@ def _report(st: _Stages) -> GraphReport:
         r.weight_inputs = st.weight_inputs
     if st.measured:
         r.measured = {}  # filled by the runtime once it has timed both variants
+    if st.stacked_measured:
+        r.measured_stacked = {}  # likewise, for calls that read stored stacks
     return r
 
 

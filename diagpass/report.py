@@ -31,6 +31,8 @@ class GraphReport:
     copy_memory_ratio: Optional[float] = None
     # the cost estimate was too close to call: {"chose": variant, "<variant>_ms": median, ...}
     measured: Optional[Dict[str, object]] = None
+    # on CPU the variant reading stored stacks against the sequential graph, timed the same way
+    measured_stacked: Optional[Dict[str, object]] = None
     # set when the cost decision left the graph sequential for copied weights: the input
     # positions of each layer-weight role; a call with them stored stacked batches after all
     weight_inputs: Optional[List[List[int]]] = None

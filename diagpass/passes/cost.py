@@ -9,7 +9,8 @@ little and the copy is the difference. On CPU the pipeline does not batch
 when the ratio is above ``CPU_COPY_BYTES_PER_FLOP`` and the weights would be
 copied (a rule of thumb from one machine's measurements, in the README and
 ``benchmarks/results/``; not a calibration); weights stored stacked
-(``diagpass.stack_weights_``) are never copied and always batch.
+(``diagpass.stack_weights_``) are never copied: whether their batched graph
+pays is timed at run time instead (``pipeline._measures_stacks``).
 
 The copy also costs memory: the stacks live for the whole call, so a
 copying batched call peaks at about the sequential peak plus the layer

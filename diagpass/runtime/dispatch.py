@@ -20,6 +20,7 @@ before and after ``stack_weights_``, and another instance of the class.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from typing import Callable, Dict, List, Optional
@@ -29,6 +30,8 @@ import torch
 from diagpass.counters import counters
 from diagpass.errors import DiagonalMismatch
 from diagpass.weights import WeightStackCache, stacked_views_at
+
+log = logging.getLogger("diagpass")
 
 
 class Lazy:
@@ -138,6 +141,18 @@ class MeasuredChoice:
             if self.on_choice is not None:
                 self.on_choice(self.chosen, medians)
         return out
+
+
+def recorded(outcome: dict, what: str) -> Callable[[str, Dict[str, float]], None]:
+    """A ``MeasuredChoice``'s ``on_choice`` that writes the outcome into a report's
+    dict (``chose``, ``<variant>_ms``) and logs it."""
+
+    def chosen(name: str, medians: Dict[str, float]) -> None:
+        outcome.update(chose=name, **{f"{n}_ms": 1e3 * m for n, m in medians.items()})
+        log.info("diagpass: %s; measured %s; runs %s", what,
+                 ", ".join(f"{n} {1e3 * m:.2f} ms" for n, m in medians.items()), name)
+
+    return chosen
 
 
 def verified(compiled: Callable, original, rtol: float, atol: float) -> Callable:

@@ -39,20 +39,34 @@ from __future__ import annotations
 import itertools
 import logging
 import operator
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch.fx as fx
 from torch._higher_order_ops.invoke_subgraph import invoke_subgraph
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from diagpass.counters import counters
+from diagpass.logs import first_line
 from diagpass.fx_facts import copy_graph_module, example_value, static_meta
 from diagpass.runtime.batched_cell import BatchedCell
+from diagpass.runtime.inner import inner_compile
 from diagpass.runtime.subgraph_aliasing import CallAliasing, call_aliasing
 
 log = logging.getLogger("diagpass")
 
 _IDS = itertools.count()  # identifiers unique in the process: no two graphs' subgraphs can meet
+
+
+def compile_shared_subgraphs(gm: fx.GraphModule, args, inner: str) -> Callable:
+    """``gm`` compiled with each distinct call one subgraph; inline if that fails.
+    Inference only: Inductor's backward of such subgraphs gave wrong gradients (README)."""
+    try:
+        return inner_compile(as_shared_subgraphs(gm), list(args), inner, rewritten=True)
+    except Exception as e:  # noqa: BLE001 - a compile-time saving: never worth a wrong or failed call
+        counters["subgraphs"]["graphs_inlined"] += 1
+        log.warning("diagpass: the shared subgraphs did not compile (%s); compiling the calls inline",
+                    first_line(e), exc_info=log.isEnabledFor(logging.DEBUG))
+        return inner_compile(gm, list(args), inner, rewritten=True)
 
 
 def as_shared_subgraphs(gm: fx.GraphModule) -> fx.GraphModule:

@@ -130,7 +130,8 @@ def test_inductor_on_cpu_leaves_tiny_model_sequential_and_says_why():
 def test_cost_refusal_is_revisited_per_call_when_weights_get_stacked(monkeypatch):
     """Dynamo does not guard on storage: the graph compiled (sequentially, by the cost rule)
     for copied weights is reused after ``stack_weights_``; that call must batch."""
-    monkeypatch.setattr(diagpass.backend, "inner_compile", lambda gm, inputs, inner, rewritten=False: gm.forward)
+    for module in (diagpass.backend, diagpass.runtime.subgraphs):
+        monkeypatch.setattr(module, "inner_compile", lambda gm, inputs, inner, rewritten=False: gm.forward)
     model = _model()
     ids = _ids(5)
     with torch.no_grad():

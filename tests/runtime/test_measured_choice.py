@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import diagpass
+import diagpass.runtime.subgraphs
 from diagpass.models.armt import build_armt, randomize_memory_
 from diagpass.report import report_count, reports_since
 from diagpass.runtime.dispatch import Lazy, MeasuredChoice
@@ -79,6 +80,52 @@ def test_a_close_estimate_times_both_and_keeps_one_exactly():
     assert diagpass.counters["backend"]["graphs_measured"] == 1
 
 
+def _calls_match_eager(model, compiled, ids, calls=10):
+    with torch.no_grad():
+        for _ in range(calls):
+            assert_matches_eager(model, compiled(ids), ids)
+
+
+@pytest.mark.slow  # two Inductor variants compiled; CI runs -m slow too
+def test_weights_stored_stacked_are_timed_against_the_sequential_graph():
+    """Reading stored stacks copies nothing, so the cost rule cannot say whether batching pays
+    (at batch 4 it did not, README): on CPU the stacked variant is timed against the sequential one."""
+    model = _model()
+    diagpass.stack_weights_(model.layers)
+    ids = torch.randint(0, 128, (1, 8 * 5))
+    mark = report_count()
+    _calls_match_eager(model, torch.compile(model, backend="diagonal"), ids)
+    (report,) = reports_since(mark)
+    assert report.batched and report.measured is None  # nothing copied: the copy rule had no say
+    assert report.measured_stacked["chose"] in ("batched", "sequential")
+    assert report.measured_stacked["batched_ms"] > 0 and report.measured_stacked["sequential_ms"] > 0
+    assert diagpass.counters["backend"]["stacked_graphs_measured"] == 1
+    chose = diagpass.counters["runtime"]
+    assert chose["measured_chose_batched"] + chose["measured_chose_sequential"] == 1
+    c = diagpass.counters["stacked_weights"]
+    assert c["view_calls"] == 10 and c["stacked_graphs_compiled"] == 1 and c["copying_calls"] == 0
+
+
+def test_weights_stacked_after_a_cost_refusal_are_timed_too(monkeypatch):
+    """The memory rule refused the copy; the first stacked call batches, and is then timed
+    against the sequential graph compiled already (graphs run uncompiled: the plumbing)."""
+    for module in (diagpass.backend, diagpass.runtime.subgraphs):
+        monkeypatch.setattr(module, "inner_compile", lambda gm, inputs, inner, rewritten=False: gm.forward)
+    model = _model()
+    ids = torch.randint(0, 128, (1, 8 * 5))
+    mark = report_count()
+    compiled = torch.compile(model, backend="diagonal")
+    _calls_match_eager(model, compiled, ids, calls=1)
+    refused = reports_since(mark)[0]
+    assert not refused.batched and refused.measured_stacked is not None
+    diagpass.stack_weights_(model.layers)
+    _calls_match_eager(model, compiled, ids)
+    assert refused.measured_stacked["chose"] in ("batched", "sequential")
+    assert diagpass.counters["stacked_weights"]["batched_after_cost"] == 1
+    chose = diagpass.counters["runtime"]
+    assert chose["measured_chose_batched"] + chose["measured_chose_sequential"] == 1
+
+
 def test_band_one_turns_measuring_off():
     model = _model()
     ids = torch.randint(0, 128, (1, 8 * 5))
@@ -86,8 +133,9 @@ def test_band_one_turns_measuring_off():
     with torch.no_grad():
         torch.compile(model, backend="diagonal", options={"measure_band": 1, "max_memory_ratio": 1e9})(ids)
     assert diagpass.counters["backend"]["graphs_measured"] == 0
+    assert diagpass.counters["backend"]["stacked_graphs_measured"] == 0
     reports = reports_since(mark)
-    assert reports and all(r.measured is None for r in reports)
+    assert reports and all(r.measured is None and r.measured_stacked is None for r in reports)
 
 
 def test_measure_band_below_one_is_refused():
