@@ -10,6 +10,9 @@ share of the reachable gain that diagonal takes.
 The bound runs the steady-state cell (memory read and full write, as segments s > 0 do), not
 segment 0's read-less cell, and returns the new states so the compiler cannot drop the write.
 Its output is NOT the model's output (no recurrence): it is for timing only.
+
+``build_bound`` is ARMT's (``diagpass.models.armt``); ``build_family_bound`` does the same for
+the research-family models (``diagpass.models.family``) whose layer l reads layer l's state.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 from diagpass.models import hf_layers
+from diagpass.models.family import STACKABLE_MEMORY_KINDS
 
 
 class EvenLoadBound(nn.Module):
@@ -58,3 +62,51 @@ def build_bound(armt: nn.Module, input_ids: torch.Tensor) -> EvenLoadBound:
     """The bound over ``armt``, its memory states taken from ``armt`` run on the first segment."""
     _, states = armt(input_ids[:, : armt.segment_size], return_state=True)
     return EvenLoadBound(armt, states).eval()
+
+
+def _rows(state, batch: int):
+    """Batch row 0 of a state (a tensor or a tuple of them) for every one of ``batch`` rows."""
+    if isinstance(state, tuple):
+        return tuple(_rows(t, batch) for t in state)
+    return state[:1].expand(batch, *state.shape[1:])
+
+
+class FamilyEvenLoadBound(nn.Module):
+    """The bound over a research-family model (``RecurrentTransformer``, memory per layer):
+    ``forward(input_ids (B, S*T)) -> (logits (B, S*T, V), states)``, every segment's layer l
+    reading the state layer l left after a real first segment (batch row 0's)."""
+
+    def __init__(self, model: nn.Module, states):
+        super().__init__()
+        self.model, self.states = model, states
+
+    def forward(self, input_ids: torch.Tensor):
+        m = self.model
+        B, N = input_ids.shape
+        T = m.config.segment_size
+        if N % T:
+            raise ValueError(f"the bound needs whole segments: N={N} is not a multiple of T={T}")
+        seg = input_ids.reshape(B * (N // T), T)  # segment s of row b -> row b*S + s
+        x = m._wrap_segment(m.embed(seg), None)
+        states = []
+        for l, state in enumerate(self.states):
+            x, st = m._cell(l, x, _rows(state, seg.shape[0]))
+            states.append(st)
+        return m._logits(x, T).reshape(B, N, -1), states
+
+
+@torch.no_grad()
+def build_family_bound(model: nn.Module, input_ids: torch.Tensor) -> FamilyEvenLoadBound:
+    """The bound over ``model``, its states those of ``model``'s cells on the first segment.
+    Memory kinds where layer l reads another layer's state, or none, have no such bound."""
+    kind = model.config.memory_kind
+    if kind not in STACKABLE_MEMORY_KINDS or model.config.state_in_attributes:
+        raise ValueError(f"the even-load bound needs a memory state per layer, read by the same layer, "
+                         f"held functionally (memory kinds {STACKABLE_MEMORY_KINDS}), not {kind!r}")
+    T = model.config.segment_size
+    x = model._wrap_segment(model.embed(input_ids[:, :T]), None)
+    states = []
+    for l in range(model.config.n_layers):
+        x, st = model._cell(l, x, None)
+        states.append(st)
+    return FamilyEvenLoadBound(model, states).eval()

@@ -91,8 +91,9 @@ def markdown(results: List[dict], meta: dict) -> str:
                 continue
             d = m.get("diag") or {}
             dtxt = f"{d.get('batched')} / {d.get('num_wavefronts')}" if d and name not in ("inductor", "inductor_bl") else ""
-            if d.get("measured"):  # the cost estimate was too close to call: timed both
-                dtxt += f" (measured: runs {d['measured'].get('chose', '?')})"
+            measured = d.get("measured") or d.get("measured_stacked")
+            if measured is not None:  # timed against the sequential graph on the first calls
+                dtxt += f" (measured: runs {measured.get('chose', '?')})"
             dtxt = dtxt or _fusion_text(m)
             sp = f"{ref / m['median_ms']:.2f}x" if ref and m.get("median_ms") else "—"
             rs = modes.get("inductor", {}).get("samples_ms")

@@ -60,7 +60,7 @@ def build(point: Point, base: bool, device: str = "cpu", stacked: bool = False):
 
 def _build_family(point: Point, dtype, device: str, stacked: bool):
     """The research-family model with ``point.shape.model`` as its memory kind
-    (no full-attention base and no even-load bound for it: ``bound.py`` is ARMT's)."""
+    (no full-attention base for it; its even-load bound is ``bound.build_family_bound``)."""
     from diagpass.models.family import FamilyConfig, build_family_model
 
     sh = point.shape
@@ -86,14 +86,11 @@ def model_key(mode: str) -> str:
 def build_for_mode(point: Point, mode: str, device: str = "cpu"):
     """``build`` for a mode's key; ``bound`` wraps the plain ARMT (benchmarks.bound)."""
     key = model_key(mode)
-    if key == "bound" and point.shape.model != "armt":
-        raise ValueError(f"the even-load bound is built for ARMT only (benchmarks/bound.py), not for "
-                         f"the family model {point.shape.model!r}: leave the bound mode out")
     m = build(point, key == "base", device, stacked=key == "stacked")
     if key == "bound":
-        from .bound import build_bound
+        from .bound import build_bound, build_family_bound
 
-        m = build_bound(m, inputs(point, device))
+        m = (build_bound if point.shape.model == "armt" else build_family_bound)(m, inputs(point, device))
     return m
 
 
@@ -174,6 +171,7 @@ def _diag_report() -> dict:
     r = diagpass.reports()[-1]
     return {"batched": bool(r.batched), "num_wavefronts": r.num_wavefronts,
             "reason": getattr(r, "reason", None), "measured": r.measured,
+            "measured_stacked": r.measured_stacked,
             "passes_s": r.timings.get("passes_s"), "inner_s": r.timings.get("inner_s")}
 
 

@@ -99,11 +99,46 @@ def test_non_armt_points_build_the_family_model_with_that_memory():
         assert model(runner.inputs(point)).shape == (1, 24, shape.vocab_size)
 
 
-def test_the_bound_of_a_family_model_is_refused_by_name_before_building():
-    # the bound is ARMT's; a sweep over a family model used to crash the whole run
+def _family(kind="gated"):
+    from diagpass.models.family import FamilyConfig, build_family_model
+
+    cfg = FamilyConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=2, d_ff=64, segment_size=8,
+                       num_mem_tokens=2, memory_kind=kind)
+    return build_family_model(cfg, seed=0).eval()
+
+
+@pytest.mark.parametrize("kind", ["gated", "associative", "xl_cache"])
+def test_family_bound_runs_the_steady_state_cell(kind):
+    """As ARMT's: the bound's segment-1 row equals the model's segment 1 (it reads the state
+    segment 0 left), its segment-0 row does not (the model's segment 0 reads no state)."""
+    from benchmarks.bound import build_family_bound
+
+    torch.manual_seed(0)
+    m = _family(kind)
+    x = torch.randint(0, 128, (2, 3 * 8))
+    bound = build_family_bound(m, x)
+    with torch.no_grad():
+        ref = m(x[:, :16])
+        got, states = bound(x[:, :16])
+        whole, _ = bound(x)
+        part, _ = bound(x[:, 8:16])
+    assert got.shape == ref.shape and len(states) == 2
+    torch.testing.assert_close(got[0, 8:16], ref[0, 8:16], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[0, :8], ref[0, :8], atol=1e-4)
+    torch.testing.assert_close(whole[:, 8:16], part, rtol=1e-5, atol=1e-5)  # segments independent
+
+
+def test_family_bound_is_refused_where_layers_share_no_per_layer_state():
+    from benchmarks.bound import build_family_bound
+
+    with pytest.raises(ValueError, match="memory state per layer"):
+        build_family_bound(_family("rmt"), torch.zeros(1, 16, dtype=torch.long))
+
+
+def test_the_sweep_builds_the_bound_of_a_family_point():
+    from benchmarks.bound import FamilyEvenLoadBound
     from benchmarks.configs import CONFIGS
     from benchmarks.runner import build_for_mode
 
     (point,) = CONFIGS["sweep-gated"].points()
-    with pytest.raises(ValueError, match="ARMT only.*leave the bound mode out"):
-        build_for_mode(point, "bound")
+    assert isinstance(build_for_mode(point, "bound"), FamilyEvenLoadBound)
