@@ -28,6 +28,7 @@ from diagpass.report import record
 from diagpass.runtime.dispatch import GraphDispatch, Lazy, MeasuredChoice, needs_grad, recorded, verified
 from diagpass.runtime.group_op import compile_glue
 from diagpass.runtime.inner import inner_compile
+from diagpass.runtime.segment_steps import compile_segment_steps
 from diagpass.runtime.subgraphs import compile_shared_subgraphs
 from diagpass.weights import WeightStackCache
 
@@ -72,8 +73,8 @@ def _compile(plan: Plan, example_inputs) -> Callable:
         # Dynamo's, and compiled inside that context their sizes became symbols of
         # Dynamo's ShapeEnv that its guards cannot name (GQA: IndexError in produce_guards)
         return dispatch
-    if not plan.cost_refused:
-        return inner_compile(plan.gm, example_inputs, plan.options.inner)
+    if not plan.cost_refused:  # nothing to batch: segment steps, or Dynamo's graph
+        return _sequential(plan, example_inputs, cell_by_cell=False)
     # The cost rule left the graph sequential for copied weights: batched after all on
     # the first call whose weights are stored stacked.
     compiled = _sequential(plan, example_inputs)
@@ -99,11 +100,15 @@ def _dropping_stacks(sequential: Callable, arity: int) -> Callable:
     return lambda *full: sequential(*full[:arity])
 
 
-def _sequential(plan: Plan, example_inputs) -> Callable:
-    """Cell by cell: each distinct cell a shared subgraph (``shared_sequential``), or a copy
-    of Dynamo's graph inline (the plan's cells may be its nodes, which Inductor may edit)."""
+def _sequential(plan: Plan, example_inputs, cell_by_cell: bool = True) -> Callable:
+    """The sequential graph: one step per segment (``segment_steps``), cell by cell as shared
+    subgraphs (``shared_sequential``), or a copy of Dynamo's graph inline (the plan's cells
+    may be its nodes, which Inductor may edit)."""
     opts = plan.options
-    shared = opts.shared_sequential and opts.compiles_shared_subgraphs and not needs_grad(example_inputs)
+    steps = pipeline.segment_steps_rewrite(plan) if opts.segment_steps else None
+    if steps is not None:  # each distinct segment compiled once (runtime/segment_steps.py)
+        return compile_segment_steps(steps, opts.inner).forward
+    shared = cell_by_cell and opts.shared_sequential and opts.compiles_shared_subgraphs and not needs_grad(example_inputs)
     gm = pipeline.sequential_rewrite(plan) if shared else None
     if gm is not None:
         return compile_shared_subgraphs(gm, example_inputs, opts.inner)

@@ -49,6 +49,12 @@ class Options:
                graph on some configs and 14% faster on others (README). Off by
                default (never slower than ``torch.compile(model)``): Dynamo's
                graph compiles inline.
+    segment_steps: the sequential graph (where the cost or memory rule refuses to
+               batch, or nothing can batch) runs as one call per segment, each
+               distinct segment compiled once and cached process-wide
+               (``passes/segment_steps.py``): compile cost follows the distinct
+               segments (about three), not S, and a new segment count compiles
+               nothing new. Training too (each step has its backward).
     roll:      compile each distinct batched step once (cached across graphs
                and segment counts) and run the schedule as a host loop, glue
                eager; compile cost independent of the number of segments.
@@ -75,6 +81,7 @@ class Options:
     roll: bool = False
     shared_subgraphs: bool = True
     shared_sequential: bool = False
+    segment_steps: bool = False
     cost_model: bool = True
     max_memory_ratio: float = 1.1
     measure_band: float = 4.0

@@ -58,6 +58,7 @@ from diagpass.passes.grad_mode import detach_no_grad_regions, has_grad_mode_swit
 from diagpass.passes.inline_subgraphs import has_subgraph_calls, inline_subgraphs
 from diagpass.passes.partition import partition
 from diagpass.passes.schedule import cells_partly_in_autocast, schedule
+from diagpass.passes.segment_steps import segment_steps
 from diagpass.passes.see_through import has_concat_reads, simplify_concat_slices
 from diagpass.passes.stacked_weights import LiftedStacks, lift_weight_stacks
 from diagpass.report import GraphReport
@@ -236,6 +237,25 @@ def rewrite_when_stacked(plan: Plan) -> Plan:
         _conclude(st)
     st.seconds = time.perf_counter() - t0
     return _freeze(st)
+
+
+def segment_steps_rewrite(plan: Plan) -> Optional[fx.GraphModule]:
+    """The sequential graph cut into one call per segment (``passes/segment_steps.py``);
+    None without a grid, or when it cannot be cut (then Dynamo's graph runs whole)."""
+    if plan.grid is None or plan.cell_graph is None:
+        return None
+    try:
+        with _gc_paused():
+            steps, why = segment_steps(plan.grid, plan.cell_graph)
+    except Exception as e:  # noqa: BLE001 - a compile-time saving: never worth a crash
+        log.warning("diagpass: the segment steps were not built (%s); compiling Dynamo's graph",
+                    logs.first_line(e), exc_info=log.isEnabledFor(logging.DEBUG))
+        return None
+    if steps is None:
+        log.info("diagpass: the sequential graph compiles whole, not segment by segment: %s", why)
+        return None
+    plan.report.segment_steps = {"steps": steps.num_steps, "structures": steps.num_structures}
+    return steps.gm
 
 
 def sequential_rewrite(plan: Plan) -> Optional[fx.GraphModule]:

@@ -1,0 +1,224 @@
+"""segment_steps: the sequential graph as one call per segment, so that equal segments compile once.
+
+Not a batching rewrite: the graph the cost rule falls back to, reordered segment by
+segment (a valid order: a cell reads only cells of its own or earlier segments) and
+cut into one subgraph per segment. The middle segments compute the same function of
+the same kinds of inputs, so their subgraphs have one structure and the runtime
+compiles it once (``runtime/segment_steps.py``); inside a subgraph the compiler
+fuses as freely as in the whole graph.
+
+Before (Dynamo's graph, segment- or layer-major)::
+
+    x_0 = embedding(ids_0, emb.weight)          # glue, no cell source
+    h_0_0 = layer(x_0, m_0) ... h_0_1 = layer(h_0_0, m_1)   # cells (0, 0), (0, 1)
+    y_0 = lm_head(norm(h_0_1))                  # glue, reads segment 0
+    x_1 = embedding(ids_1, emb.weight) ...
+    out = cat([y_0, y_1, y_2])                  # glue, reads every segment
+
+After::
+
+    x_0 = embedding(ids_0, emb.weight)          # prologue: glue with no cell source
+    x_1 = embedding(ids_1, emb.weight) ...
+    step_0 = segment_0(x_0, w..)                # cells of segment 0 + the glue they make ready
+    y_0 = step_0[0];  m_0 = step_0[1] ...
+    step_1 = segment_1(x_1, m_0, .., w..)       # segments 1 .. S-2: one structure
+    out = cat([y_0, y_1, y_2])                  # epilogue: glue reading several segments
+
+The prologue and epilogue (views, embeddings, the final concatenation) run as
+they are; each segment's subgraph is a plain ``fx.GraphModule`` whose
+``meta["structure"]`` is equal for subgraphs that compute the same function.
+Refused (None, with the reason) when the order is not valid, a value crossing a
+cut is not a tensor, or the graph has autocast regions or random ops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+
+from diagpass.counters import counters
+from diagpass.fx_facts import example_value, is_random
+from diagpass.ir.cell_graph import CellGraph
+from diagpass.ir.cells import CellGrid
+from diagpass.ir.meta import AUTOCAST
+
+_PROLOGUE, _EPILOGUE = -1, 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentSteps:
+    """The outer graph: prologue, one ``call_module`` per segment (targets
+    ``segment_{s}``, each an ``fx.GraphModule``), epilogue."""
+
+    gm: fx.GraphModule
+    num_steps: int
+    num_structures: int
+
+
+def segment_steps(grid: CellGrid, cells: CellGraph) -> Tuple[Optional[SegmentSteps], str]:
+    """(the cut graph, "") or (None, why not)."""
+    gm = grid.gm
+    if any(AUTOCAST in n.meta for n in gm.graph.nodes):
+        return None, "autocast regions"
+    if any(is_random(n) for n in gm.graph.nodes):
+        return None, "random ops (reordered, they would draw other numbers)"
+    place = _placement(grid, cells)
+    order = sorted(place, key=lambda n: place[n])
+    if not _topological(gm, order):
+        return None, "a cell reads a later segment"
+    regions: Dict[int, List[fx.Node]] = {}
+    for n in order:
+        regions.setdefault(place[n][0], []).append(n)
+    try:
+        out = _cut(gm, regions)
+    except _NotTensor as e:
+        return None, f"a value crossing a segment's cut is not a tensor or a number ({e})"
+    structures = {m.meta["structure"] for _, m in out.named_children()}
+    counters["segment_steps"]["graphs"] += 1
+    counters["segment_steps"]["steps"] += len(regions) - (_PROLOGUE in regions) - (_EPILOGUE in regions)
+    return SegmentSteps(out, len(list(out.named_children())), len(structures)), ""
+
+
+def _placement(grid: CellGrid, cells: CellGraph) -> Dict[fx.Node, Tuple[int, int, int]]:
+    """Every compute node's (region, position in the segment-major order, graph index)."""
+    L = grid.num_layers
+    index = {n: i for i, n in enumerate(grid.gm.graph.nodes)}
+    pos = {n: cid[0] * L + cid[1] for n, cid in grid.cell_of.items()}
+    place: Dict[fx.Node, Tuple[int, int, int]] = {}
+    feeds_cell: Dict[fx.Node, bool] = {}
+    for n in reversed(list(grid.gm.graph.nodes)):
+        feeds_cell[n] = any(u in pos or feeds_cell.get(u, False) for u in n.users)
+    for n in grid.gm.graph.nodes:
+        if n.op in ("placeholder", "get_attr", "output"):
+            continue
+        if n in pos:
+            place[n] = (pos[n] // L, 2 * pos[n] + 1, index[n])
+            continue
+        sources = cells.glue_sources.get(n, ())
+        if not sources:
+            place[n] = (_PROLOGUE, -1, index[n])  # embeddings, views of the input, masks
+        elif len({s for s, _ in sources}) > 1 and not feeds_cell[n]:
+            place[n] = (_EPILOGUE, -1, index[n])  # the closing concatenation
+        else:
+            last = max(s * L + l for s, l in sources)
+            place[n] = (last // L, 2 * last + 2, index[n])  # right after its last source cell
+    return place
+
+
+def _topological(gm: fx.GraphModule, order: List[fx.Node]) -> bool:
+    seen = {n for n in gm.graph.nodes if n.op in ("placeholder", "get_attr")}
+    for n in order:
+        if any(a not in seen for a in n.all_input_nodes):
+            return False
+        seen.add(n)
+    return True
+
+
+class _NotTensor(Exception):
+    pass
+
+
+def _cut(gm: fx.GraphModule, regions: Dict[int, List[fx.Node]]) -> fx.GraphModule:
+    out = fx.Graph()
+    env: Dict[fx.Node, fx.Node] = {}
+    root: Dict[str, torch.nn.Module] = {}
+    for n in gm.graph.nodes:
+        if n.op in ("placeholder", "get_attr"):
+            env[n] = out.node_copy(n, env.__getitem__)
+    for r in sorted(regions):
+        nodes = regions[r]
+        if r in (_PROLOGUE, _EPILOGUE):
+            for n in nodes:
+                env[n] = out.node_copy(n, env.__getitem__)
+            continue
+        sub, inputs, outputs = _region(gm, nodes)
+        name = f"segment_{r}"
+        root[name] = sub
+        call = out.call_module(name, tuple(env[i] for i in inputs))
+        for j, o in enumerate(outputs):
+            env[o] = out.call_function(operator.getitem, (call, j))
+            env[o].meta.update(o.meta)
+    for n in gm.graph.find_nodes(op="output"):
+        out.node_copy(n, env.__getitem__)
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            root[n.target] = _lookup(gm, n.target)
+    out.lint()
+    new = fx.GraphModule(root, out, class_name=type(gm).__name__)
+    new.meta = dict(gm.meta)
+    return new
+
+
+def _region(gm: fx.GraphModule, nodes: List[fx.Node]) -> Tuple[fx.GraphModule, list, list]:
+    """One segment's nodes as a graph of the values it reads; its outputs are
+    the values read outside it. ``meta["structure"]``: the ops, their targets
+    and arguments with nodes as local indices, and the inputs' order."""
+    inside = set(nodes)
+    g = fx.Graph()
+    env: Dict[fx.Node, fx.Node] = {}
+    inputs: List[fx.Node] = []
+    local: Dict[fx.Node, int] = {}
+    structure: list = []
+
+    def read(a: fx.Node) -> fx.Node:
+        if a not in env:
+            _require_value(a)
+            inputs.append(a)
+            local[a] = -len(inputs)
+            env[a] = g.placeholder(f"in_{len(inputs) - 1}")
+            env[a].meta.update(a.meta)
+        return env[a]
+
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in inside:
+                read(a)
+        env[n] = g.node_copy(n, env.__getitem__)
+        local[n] = len(structure)
+        args = fx.node.map_arg((n.args, n.kwargs), lambda a: ("node", local[a]))
+        structure.append((n.op, n.target, _hashable(args)))
+    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+    for o in outputs:
+        _require_tensor(o)
+    g.output(tuple(env[o] for o in outputs))
+    sub = fx.GraphModule(gm, g, class_name="SegmentStep")
+    sub.meta["structure"] = (tuple(structure), tuple(local[o] for o in outputs))
+    return sub, inputs, outputs
+
+
+def _require_value(n: fx.Node) -> None:
+    """A tensor, or a number (a size Dynamo kept symbolic: concrete per call)."""
+    if not isinstance(example_value(n), (torch.Tensor, int, float, bool, torch.SymInt, torch.SymFloat)):
+        raise _NotTensor(f"{n.name}: {type(example_value(n)).__name__}")
+
+
+def _require_tensor(n: fx.Node) -> None:
+    if not isinstance(example_value(n), torch.Tensor):
+        raise _NotTensor(f"{n.name}: {type(example_value(n)).__name__}")
+
+
+def _hashable(x):
+    if isinstance(x, (list, tuple)):
+        return tuple(_hashable(a) for a in x)
+    if isinstance(x, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in x.items()))
+    if isinstance(x, slice):
+        return ("slice", _hashable(x.start), _hashable(x.stop), _hashable(x.step))
+    if isinstance(x, torch.Tensor):
+        return ("tensor", id(x))  # never shared by accident
+    try:
+        hash(x)
+    except TypeError:
+        return ("object", id(x))
+    return x
+
+
+def _lookup(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,90 @@
+"""Segment steps: each distinct segment's subgraph compiled once, reused across segments and graphs.
+
+``passes/segment_steps.py`` cuts the sequential graph into one ``call_module``
+per segment. Here each of those subgraphs becomes a ``CompiledStep``: on its
+first call it looks up a process-wide cache by (structure, grad mode, the
+arguments' static metadata) and compiles on a miss (``inner_compile`` of a
+copy, with the real arguments). The middle segments share one structure, so a
+model compiles about three steps whatever S is, and a new segment count finds
+them compiled. The outer graph (prologue, the step calls, epilogue) runs as
+Python: a few eager views, embeddings and the final concatenation per call.
+
+Before (``SegmentSteps.gm``)::
+
+    step_1 = segment_1(x_1, m_0, w..)      # fx.GraphModule
+
+After::
+
+    step_1 = segment_1(x_1, m_0, w..)      # CompiledStep: the cached kernel of its structure
+
+Each compiled step is AOTAutograd's (Inductor: ``compile_fx``), so a call that
+needs gradients gets its backward, and a step that aliases or writes its
+inputs is handled there, as for any graph.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
+
+from diagpass.counters import counters
+from diagpass.fx_facts import copy_graph_module, static_meta
+from diagpass.runtime.inner import inner_compile
+
+_STEPS: Dict[tuple, Callable] = {}
+
+
+def clear_step_cache() -> None:
+    _STEPS.clear()
+
+
+class CompiledStep(torch.nn.Module):
+    def __init__(self, step: fx.GraphModule, inner: str):
+        super().__init__()
+        self.step, self.inner = step, inner
+        self.structure = step.meta["structure"]
+
+    def forward(self, *args):
+        if any(isinstance(a, FakeTensor) for a in args):
+            return self.step(*args)
+        tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        meta = static_meta([args[i] for i in tensors])
+        numbers = tuple((i, a) for i, a in enumerate(args) if not isinstance(a, torch.Tensor))
+        if meta is None or not all(type(a) in (int, float, bool) for _, a in numbers):
+            counters["segment_steps"]["calls_uncompiled"] += 1  # a symbolic size: run it as it is
+            return self.step(*args)
+        key = (self.structure, torch.is_grad_enabled(), meta, numbers, self.inner)
+        fn = _STEPS.get(key)
+        if fn is None:
+            compiled = inner_compile(_with_numbers(self.step, dict(numbers)), [args[i] for i in tensors], self.inner)
+            fn = _STEPS[key] = lambda *a: compiled(*[a[i] for i in tensors])
+            counters["segment_steps"]["steps_compiled"] += 1
+        else:
+            counters["segment_steps"]["step_cache_hits"] += 1
+        return fn(*args)
+
+
+def _with_numbers(step: fx.GraphModule, numbers: Dict[int, object]) -> fx.GraphModule:
+    """A copy of ``step`` with the inputs at ``numbers`` (sizes Dynamo kept as
+    symbols, concrete in every real call) baked in as constants; in the key too."""
+    gm, _ = copy_graph_module(step)
+    for k, ph in enumerate(list(gm.graph.find_nodes(op="placeholder"))):
+        if k in numbers:
+            for user in list(ph.users):
+                user.args, user.kwargs = fx.node.map_arg((user.args, user.kwargs),
+                                                          lambda n: numbers[k] if n is ph else n)
+            gm.graph.erase_node(ph)
+    gm.recompile()
+    return gm
+
+
+def compile_segment_steps(gm: fx.GraphModule, inner: str) -> fx.GraphModule:
+    """A copy of ``gm`` whose segment subgraphs are ``CompiledStep``s."""
+    out, _ = copy_graph_module(gm)
+    for name, step in list(gm.named_children()):
+        if isinstance(step, fx.GraphModule) and "structure" in step.meta:
+            setattr(out, name, CompiledStep(step, inner))
+    return out

@@ -1,0 +1,83 @@
+"""Segment steps end to end: each distinct segment compiled once, outputs, gradients and
+the state a model keeps in its attributes equal eager, and a new segment count reuses
+the compiled steps. aot_eager (each step through AOTAutograd) in the default suite;
+Inductor under the slow marker."""
+
+import pytest
+import torch
+
+import diagpass
+from diagpass.models.armt import build_armt, randomize_memory_
+from diagpass.models.family import FamilyConfig, build_family_model
+from diagpass.report import report_count, reports_since
+from diagpass.runtime.segment_steps import clear_step_cache
+from diagpass.testing import assert_equivalent, assert_matches_eager
+
+# nothing batches (no wavefront has that many cells): the sequential graph runs, as steps
+STEPS = {"inner": "aot_eager", "segment_steps": True, "min_group": 10**6}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_steps():
+    clear_step_cache()
+    yield
+    clear_step_cache()
+
+
+def _armt():
+    return randomize_memory_(build_armt("llama", num_layers=3, segment_size=8, num_mem_tokens=2, d_mem=8, seed=5))
+
+
+def _ids(S):
+    return torch.randint(0, 128, (1, 8 * S), generator=torch.Generator().manual_seed(S))
+
+
+def test_inference_compiles_three_steps_for_six_segments_and_matches():
+    mark = report_count()
+    assert_equivalent(_armt(), _ids(6), options=STEPS, expect_batched=False)
+    (report,) = reports_since(mark)
+    assert report.segment_steps == {"steps": 6, "structures": 3}
+    c = diagpass.counters["segment_steps"]
+    assert c["steps_compiled"] == 3 and c["step_cache_hits"] == 3 and c["calls_uncompiled"] == 0
+
+
+def test_a_new_segment_count_reuses_the_compiled_steps():
+    model = _armt()
+    compiled = torch.compile(model, backend="diagonal", options=STEPS)
+    with torch.no_grad():
+        assert_matches_eager(model, compiled(_ids(5)), _ids(5))
+        first = diagpass.counters["segment_steps"]["steps_compiled"]
+        assert_matches_eager(model, compiled(_ids(8)), _ids(8))  # Dynamo recompiles, sizes symbolic
+    c = diagpass.counters["segment_steps"]
+    # the middle and first segments hit; at most the last (it reads a size of the input) is new
+    assert first == 3 and c["steps_compiled"] <= first + 1
+    assert c["step_cache_hits"] >= 2 + 6
+
+
+def test_gradients_flow_through_every_step():
+    assert_equivalent(_armt(), _ids(5), options=STEPS, grads=True, expect_batched=False)
+    assert diagpass.counters["segment_steps"]["steps_compiled"] == 3
+
+
+def test_state_kept_in_module_attributes_matches_eager():
+    cfg = FamilyConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=2, d_ff=64, segment_size=8,
+                       num_mem_tokens=2, memory_kind="associative", state_in_attributes=True)
+    eager, model = (build_family_model(cfg, seed=0).eval() for _ in range(2))
+    ids = torch.randint(0, 64, (1, 8 * 5), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, backend="diagonal", options=STEPS)
+    with torch.no_grad():
+        assert_matches_eager(eager, compiled(ids), ids)  # runs ``eager`` too: its attributes are set
+    assert diagpass.counters["segment_steps"]["graphs"] == 1
+    # aot_eager's decompositions round differently from eager (the inline graph: the same)
+    for mine, theirs in zip(model.memory_modules(), eager.memory_modules()):
+        for name in theirs._state_names:
+            torch.testing.assert_close(getattr(mine, name), getattr(theirs, name), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow  # Inductor compiles; CI runs -m slow too
+def test_inductor_steps_match_eager_in_inference_and_training():
+    options = {**STEPS, "inner": "inductor"}
+    assert_equivalent(_armt(), _ids(5), options=options, expect_batched=False)
+    assert diagpass.counters["segment_steps"]["steps_compiled"] == 3
+    assert_equivalent(_armt(), _ids(5), options=options, grads=True, expect_batched=False)
+    assert diagpass.counters["segment_steps"]["steps_compiled"] == 6  # grad mode is in the key
