@@ -14,8 +14,10 @@ Each (S, L, mode) runs in a fresh subprocess (no warm caches). Modes:
   batched     options={"cost_model": False}: batched whatever the cost and memory
               rules say, each distinct call a shared subgraph (the default runtime)
   batched_inline  the same with shared_subgraphs=False (every call inlined)
-  seq_inline  options={"shared_sequential": False}: where the memory rule refuses,
-              the sequential graph inline (the default runs it as shared subgraphs)
+  seq_inline  options={"shared_sequential": False} (the default): where the memory rule
+              refuses, the sequential graph inline
+  steps       options={"segment_steps": True}: that graph as one compiled step per segment
+``kernels``: roll's kernels, or the segment steps compiled.
 Columns: dynamo_s (Dynamo trace: call start -> backend entered), backend_s
 (passes + inner compile + kernel compiles during the first call), first_s
 (first call total), steady_ms (median of 5 calls), max abs diff of the output vs
@@ -48,7 +50,7 @@ CHILD = textwrap.dedent(
     ids = torch.randint(0, 128, (1, 8 * S))
     opts = {"sequential": {"enabled": False}, "diagonal": {}, "rolled": {"roll": True}, "regions": {"roll": True},
             "batched": {"cost_model": False}, "batched_inline": {"cost_model": False, "shared_subgraphs": False},
-            "seq_inline": {"shared_sequential": False}}[mode]
+            "seq_inline": {"shared_sequential": False}, "steps": {"segment_steps": True}}[mode]
     if mode == "regions":
         diagpass.mark_compile_regions(layer.layer for layer in model.layers)
     fast = torch.compile(model, backend="diagonal", options=opts)
@@ -68,7 +70,7 @@ CHILD = textwrap.dedent(
     dynamo = rep.timings["entered_at"] - t0
     row = {"S": S, "L": L, "mode": mode, "dynamo_s": dynamo, "backend_s": (t1 - t0) - dynamo - min(times),
            "first_s": t1 - t0, "steady_ms": 1e3 * statistics.median(times), "nodes": rep.num_nodes,
-           "kernels": counters["roll"]["kernels_compiled"], "max_diff": diff,
+           "kernels": counters["roll"]["kernels_compiled"] + counters["segment_steps"]["steps_compiled"], "max_diff": diff,
            "err_vs_fp64": err, "eager_err_vs_fp64": eager_err}
     if len(sys.argv) > 4:  # a second segment count: what a new input length costs
         S2 = int(sys.argv[4])
@@ -80,7 +82,7 @@ CHILD = textwrap.dedent(
             row["second_diff"] = float((out2 - model(ids2)).abs().max())
         row.update(second_S=S2, second_first_s=b - a,
                    second_backend_s=(b - a) - (rep2.timings["entered_at"] - a) - steady2,
-                   second_kernels=counters["roll"]["kernels_compiled"] - row["kernels"])
+                   second_kernels=counters["roll"]["kernels_compiled"] + counters["segment_steps"]["steps_compiled"] - row["kernels"])
     print(json.dumps(row))
     """
 )

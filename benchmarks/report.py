@@ -12,6 +12,7 @@ MODE_NAMES = {
     "diagonal": "diagonal (Inductor)",
     "diag_stacked": "diagonal (Inductor), weights stored stacked",
     "seq_inline": "diagonal (Inductor), shared_sequential=False: the sequential fallback inline",
+    "seq_steps": "diagonal (Inductor), segment_steps=True: the sequential fallback one step per segment",
     "stacked_inline": "diagonal (Inductor), weights stored stacked, calls inlined (shared subgraphs off)",
     "diag_cached": "diagonal (Inductor), cache_weight_stacks",
     "diag_aot": "diagonal (aot_eager)",

@@ -14,7 +14,7 @@ import torch
 from .configs import Point
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-ALL_MODES = ["eager", "inductor", "inductor_bl", "diagonal", "diag_stacked", "stacked_inline", "seq_inline", "diag_cached", "rolled", "rolled_glue", "seq_rolled", "diag_aot",
+ALL_MODES = ["eager", "inductor", "inductor_bl", "diagonal", "diag_stacked", "stacked_inline", "seq_inline", "seq_steps", "diag_cached", "rolled", "rolled_glue", "seq_rolled", "diag_aot",
              "bound", "base_eager", "base_inductor"]
 QUICK_MODES = ["eager", "inductor", "diagonal", "diag_stacked", "base_eager"]
 DEFAULT_MODES = ["eager", "inductor", "inductor_bl", "diagonal", "diag_stacked", "bound", "base_eager",
@@ -127,6 +127,8 @@ def make_fn(mode: str, model) -> Callable:
         f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "shared_subgraphs": False})
     elif mode == "seq_inline":  # shared_sequential off: the cost/memory fallback is Dynamo's graph, inline
         f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "shared_sequential": False})
+    elif mode == "seq_steps":  # the sequential fallback as one compiled step per segment
+        f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "segment_steps": True})
     elif mode == "diag_cached":  # weights stacked once and kept between calls (one more copy of them)
         f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "cache_weight_stacks": True})
     elif mode == "rolled":
@@ -211,7 +213,7 @@ def compile_modes(point: Point, modes: List[str], device: str = "cpu", log=print
                 fused = fusion_counts()
                 entry["fusions"] = {k: v - fused0.get(k, 0) for k, v in fused.items() if v != fused0.get(k, 0)}
             settle(fn, x, device)
-            if mode in ("diagonal", "diag_stacked", "stacked_inline", "seq_inline", "rolled", "rolled_glue", "seq_rolled", "diag_aot", "inductor", "inductor_bl"):
+            if mode in ("diagonal", "diag_stacked", "stacked_inline", "seq_inline", "seq_steps", "rolled", "rolled_glue", "seq_rolled", "diag_aot", "inductor", "inductor_bl"):
                 entry["diag"] = _diag_report()  # after settling: a measured choice is made by then
             fns[mode] = fn
             res[mode] = entry
