@@ -28,7 +28,8 @@ The prologue and epilogue (views, embeddings, the final concatenation) run as
 they are; each segment's subgraph is a plain ``fx.GraphModule`` whose
 ``meta["structure"]`` is equal for subgraphs that compute the same function.
 Refused (None, with the reason) when the order is not valid, a value crossing a
-cut is not a tensor, or the graph has autocast regions or random ops.
+cut is not a tensor, or the graph has autocast regions, random ops or module calls
+(a compiled step is shared across graphs: a module's own weights would be baked in).
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def segment_steps(grid: CellGrid, cells: CellGraph) -> Tuple[Optional[SegmentSte
         return None, "autocast regions"
     if any(is_random(n) for n in gm.graph.nodes):
         return None, "random ops (reordered, they would draw other numbers)"
+    if any(n.op == "call_module" for n in gm.graph.nodes):  # its weights would be baked into a shared step
+        return None, "a module call in the graph"
     place = _placement(grid, cells)
     order = sorted(place, key=lambda n: place[n])
     if not _topological(gm, order):
