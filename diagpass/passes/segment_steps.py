@@ -17,15 +17,14 @@ Before (Dynamo's graph, segment- or layer-major)::
 
 After::
 
-    x_0 = embedding(ids_0, emb.weight)          # prologue: glue with no cell source
-    x_1 = embedding(ids_1, emb.weight) ...
-    step_0 = segment_0(x_0, w..)                # cells of segment 0 + the glue they make ready
+    ids_0 = getitem(split(ids), 0) ...          # prologue: views of the input
+    step_0 = segment_0(ids_0, w..)              # embedding, cells of segment 0, the glue they make ready
     y_0 = step_0[0];  m_0 = step_0[1] ...
-    step_1 = segment_1(x_1, m_0, .., w..)       # segments 1 .. S-2: one structure
+    step_1 = segment_1(ids_1, m_0, .., w..)     # segments 1 .. S-2: one structure
     out = cat([y_0, y_1, y_2])                  # epilogue: glue reading several segments
 
-The prologue and epilogue (views, embeddings, the final concatenation) run as
-they are; each segment's subgraph is a plain ``fx.GraphModule`` whose
+The prologue and epilogue (views of the input, glue several steps read, the
+final concatenation) run as they are; each segment's subgraph is a plain ``fx.GraphModule`` whose
 ``meta["structure"]`` is equal for subgraphs that compute the same function.
 Refused (None, with the reason) when the order is not valid, a value crossing a
 cut is not a tensor, or the graph has autocast regions, random ops or module calls
@@ -40,6 +39,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from diagpass.counters import counters
 from diagpass.fx_facts import example_value, is_random
@@ -87,29 +87,61 @@ def segment_steps(grid: CellGrid, cells: CellGraph) -> Tuple[Optional[SegmentSte
 
 
 def _placement(grid: CellGrid, cells: CellGraph) -> Dict[fx.Node, Tuple[int, int, int]]:
-    """Every compute node's (region, position in the segment-major order, graph index)."""
-    L = grid.num_layers
-    index = {n: i for i, n in enumerate(grid.gm.graph.nodes)}
+    """Every compute node's (region, position in the segment-major order, graph index).
+
+    Cells go to their segment; glue that reads cells right after its last source
+    cell, or after every step when it reads several segments and feeds no cell
+    (the closing concatenation). Glue that reads no cell goes to the one step that
+    uses it (an embedding, a mask built per segment), before its cells; to the
+    prologue when several steps use it, or when it only views a graph input (the
+    segment slices: their offsets would make every step's structure differ)."""
+    nodes = list(grid.gm.graph.nodes)
+    L, index = grid.num_layers, {n: i for i, n in enumerate(nodes)}
     pos = {n: cid[0] * L + cid[1] for n, cid in grid.cell_of.items()}
-    place: Dict[fx.Node, Tuple[int, int, int]] = {}
     feeds_cell: Dict[fx.Node, bool] = {}
-    for n in reversed(list(grid.gm.graph.nodes)):
+    for n in reversed(nodes):
         feeds_cell[n] = any(u in pos or feeds_cell.get(u, False) for u in n.users)
-    for n in grid.gm.graph.nodes:
+    place: Dict[fx.Node, Tuple[int, int, int]] = {}
+    free: List[fx.Node] = []  # glue that reads no cell, placed by its users below
+    for n in nodes:
         if n.op in ("placeholder", "get_attr", "output"):
             continue
+        sources = cells.glue_sources.get(n, ())
         if n in pos:
             place[n] = (pos[n] // L, 2 * pos[n] + 1, index[n])
-            continue
-        sources = cells.glue_sources.get(n, ())
-        if not sources:
-            place[n] = (_PROLOGUE, -1, index[n])  # embeddings, views of the input, masks
+        elif not sources:
+            free.append(n)
         elif len({s for s, _ in sources}) > 1 and not feeds_cell[n]:
-            place[n] = (_EPILOGUE, -1, index[n])  # the closing concatenation
+            place[n] = (_EPILOGUE, 0, index[n])
         else:
             last = max(s * L + l for s, l in sources)
-            place[n] = (last // L, 2 * last + 2, index[n])  # right after its last source cell
+            place[n] = (last // L, 2 * last + 2, index[n])
+    inputs = _input_storages(grid.gm)
+    for n in reversed(free):
+        users = {place[u][0] if u in place else _EPILOGUE for u in n.users}
+        if len(users) == 1 and not _views_an_input(n, inputs):
+            (r,) = users
+            place[n] = (r, 0 if r in (_PROLOGUE, _EPILOGUE) else 2 * r * L, index[n])
+        else:
+            place[n] = (_PROLOGUE, 0, index[n])
     return place
+
+
+def _input_storages(gm: fx.GraphModule) -> set:
+    out = set()
+    for n in gm.graph.nodes:
+        v = example_value(n) if n.op in ("placeholder", "get_attr") else None
+        if isinstance(v, torch.Tensor):
+            out.add(StorageWeakRef(v.untyped_storage()))
+    return out
+
+
+def _views_an_input(n: fx.Node, inputs: set) -> bool:
+    """Whether ``n``'s value (a tensor, or a tuple of them: a split) shares a graph input's storage."""
+    v = example_value(n)
+    values = v if isinstance(v, (tuple, list)) else (v,)
+    tensors = [t for t in values if isinstance(t, torch.Tensor)]
+    return bool(tensors) and all(StorageWeakRef(t.untyped_storage()) in inputs for t in tensors)
 
 
 def _topological(gm: fx.GraphModule, order: List[fx.Node]) -> bool:
@@ -132,6 +164,8 @@ def _cut(gm: fx.GraphModule, regions: Dict[int, List[fx.Node]]) -> fx.GraphModul
     for n in gm.graph.nodes:
         if n.op in ("placeholder", "get_attr"):
             env[n] = out.node_copy(n, env.__getitem__)
+    inputs = _input_storages(gm)
+    views = {n for n in regions.get(_PROLOGUE, ()) if _views_an_input(n, inputs)}
     for r in sorted(regions):
         nodes = regions[r]
         if r in (_PROLOGUE, _EPILOGUE):
@@ -141,7 +175,7 @@ def _cut(gm: fx.GraphModule, regions: Dict[int, List[fx.Node]]) -> fx.GraphModul
         sub, inputs, outputs = _region(gm, nodes)
         name = f"segment_{r}"
         root[name] = sub
-        call = out.call_module(name, tuple(env[i] for i in inputs))
+        call = out.call_module(name, tuple(_dense(out, env, i, views) for i in inputs))
         for j, o in enumerate(outputs):
             env[o] = out.call_function(operator.getitem, (call, j))
             env[o].meta.update(o.meta)
@@ -154,6 +188,19 @@ def _cut(gm: fx.GraphModule, regions: Dict[int, List[fx.Node]]) -> fx.GraphModul
     new = fx.GraphModule(root, out, class_name=type(gm).__name__)
     new.meta = dict(gm.meta)
     return new
+
+
+def _dense(out: fx.Graph, env: Dict[fx.Node, fx.Node], node: fx.Node, views: set) -> fx.Node:
+    """A step's argument; a view of a graph input (a segment's slice) as a contiguous
+    copy, made once: its strides would otherwise follow the input's length, and a
+    step compiled for one segment count would not serve another."""
+    if node not in views or not isinstance(example_value(node), torch.Tensor):
+        return env[node]
+    key = ("dense", node)
+    if key not in env:
+        env[key] = out.call_method("clone", (env[node],), {"memory_format": torch.contiguous_format})
+        env[key].meta.update(node.meta)
+    return env[key]
 
 
 def _region(gm: fx.GraphModule, nodes: List[fx.Node]) -> Tuple[fx.GraphModule, list, list]:
