@@ -24,7 +24,7 @@ inputs is handled there, as for any graph.
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.fx as fx
@@ -35,6 +35,8 @@ from diagpass.fx_facts import copy_graph_module, static_meta
 from diagpass.runtime.inner import inner_compile
 
 _STEPS: Dict[tuple, Callable] = {}
+# structure -> small id: a structure is a deep tuple, slow to hash on every call
+_STRUCTURE_IDS: Dict[tuple, int] = {}
 
 
 def clear_step_cache() -> None:
@@ -45,18 +47,24 @@ class CompiledStep(torch.nn.Module):
     def __init__(self, step: fx.GraphModule, inner: str):
         super().__init__()
         self.step, self.inner = step, inner
-        self.structure = step.meta["structure"]
+        self.structure_id = _STRUCTURE_IDS.setdefault(step.meta["structure"], len(_STRUCTURE_IDS))
+        # the kernel, once a call without numbers found it: Dynamo guards the outer graph's
+        # inputs and grad mode, so every later call of this site has the same metadata
+        # (and Inductor's code asserts its inputs' sizes and strides)
+        self.bound: Optional[Callable] = None
 
     def forward(self, *args):
         if any(isinstance(a, FakeTensor) for a in args):
             return self.step(*args)
+        if self.bound is not None:
+            return self.bound(*args)
         tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
         meta = static_meta([args[i] for i in tensors])
         numbers = tuple((i, a) for i, a in enumerate(args) if not isinstance(a, torch.Tensor))
         if meta is None or not all(type(a) in (int, float, bool) for _, a in numbers):
             counters["segment_steps"]["calls_uncompiled"] += 1  # a symbolic size: run it as it is
             return self.step(*args)
-        key = (self.structure, torch.is_grad_enabled(), meta, numbers, self.inner)
+        key = (self.structure_id, torch.is_grad_enabled(), meta, numbers, self.inner)
         fn = _STEPS.get(key)
         if fn is None:
             compiled = inner_compile(_with_numbers(self.step, dict(numbers)), [args[i] for i in tensors], self.inner)
@@ -64,6 +72,8 @@ class CompiledStep(torch.nn.Module):
             counters["segment_steps"]["steps_compiled"] += 1
         else:
             counters["segment_steps"]["step_cache_hits"] += 1
+        if not numbers:
+            self.bound = fn
         return fn(*args)
 
 
