@@ -28,7 +28,7 @@ from diagpass.report import record
 from diagpass.runtime.dispatch import GraphDispatch, Lazy, MeasuredChoice, needs_grad, recorded, verified
 from diagpass.runtime.group_op import compile_glue
 from diagpass.runtime.inner import inner_compile
-from diagpass.runtime.segment_steps import compile_segment_steps
+from diagpass.runtime.segment_steps import compile_segment_steps, with_fallback
 from diagpass.runtime.subgraphs import compile_shared_subgraphs
 from diagpass.weights import WeightStackCache
 
@@ -104,15 +104,16 @@ def _sequential(plan: Plan, example_inputs, cell_by_cell: bool = True) -> Callab
     """The sequential graph: one step per segment (``segment_steps``), cell by cell as shared
     subgraphs (``shared_sequential``), or a copy of Dynamo's graph inline (the plan's cells
     may be its nodes, which Inductor may edit)."""
-    opts = plan.options
+    opts, dynamo_gm = plan.options, plan.gm
     steps = pipeline.segment_steps_rewrite(plan) if opts.segment_steps else None
+    whole = lambda args: inner_compile(copy_graph_module(dynamo_gm)[0], list(args), opts.inner)  # noqa: E731
     if steps is not None:  # each distinct segment compiled once (runtime/segment_steps.py)
-        return compile_segment_steps(steps, opts.inner).forward
+        return with_fallback(compile_segment_steps(steps, opts.inner), whole)
     shared = cell_by_cell and opts.shared_sequential and opts.compiles_shared_subgraphs and not needs_grad(example_inputs)
     gm = pipeline.sequential_rewrite(plan) if shared else None
     if gm is not None:
         return compile_shared_subgraphs(gm, example_inputs, opts.inner)
-    return inner_compile(copy_graph_module(plan.gm)[0], example_inputs, opts.inner)
+    return whole(example_inputs)
 
 
 def _measured(plan: Plan, batched: Lazy, sequential: Lazy, example_inputs) -> MeasuredChoice:

@@ -24,6 +24,7 @@ inputs is handled there, as for any graph.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Dict, Optional
 
 import torch
@@ -32,7 +33,10 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from diagpass.counters import counters
 from diagpass.fx_facts import copy_graph_module, static_meta
+from diagpass.logs import first_line
 from diagpass.runtime.inner import inner_compile
+
+log = logging.getLogger("diagpass")
 
 _STEPS: Dict[tuple, Callable] = {}
 # structure -> small id: a structure is a deep tuple, slow to hash on every call
@@ -98,3 +102,24 @@ def compile_segment_steps(gm: fx.GraphModule, inner: str) -> fx.GraphModule:
         if isinstance(step, fx.GraphModule) and "structure" in step.meta:
             setattr(out, name, CompiledStep(step, inner))
     return out
+
+
+def with_fallback(steps: fx.GraphModule, fallback: Callable[[tuple], Callable]) -> Callable:
+    """``steps`` run per call; if a call fails (a step did not compile), ``fallback(args)``
+    (the graph compiled whole) runs it and every later call. Safe to retry: the cut
+    graph writes no graph input (functionalized graphs that would are never cut)."""
+    whole: list = []
+
+    def run(*args):
+        if whole:
+            return whole[0](*args)
+        try:
+            return steps(*args)
+        except Exception as e:  # noqa: BLE001 - the steps are a compile-time saving, never worth a failed call
+            counters["segment_steps"]["graphs_compiled_whole"] += 1
+            log.warning("diagpass: a segment step failed (%s); compiling the graph whole", first_line(e),
+                        exc_info=log.isEnabledFor(logging.DEBUG))
+            whole.append(fallback(args))
+            return whole[0](*args)
+
+    return run

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import diagpass
+import diagpass.runtime.segment_steps
 from diagpass.models.armt import build_armt, randomize_memory_
 from diagpass.models.family import FamilyConfig, build_family_model
 from diagpass.report import report_count, reports_since
@@ -72,6 +73,20 @@ def test_state_kept_in_module_attributes_matches_eager():
     for mine, theirs in zip(model.memory_modules(), eager.memory_modules()):
         for name in theirs._state_names:
             torch.testing.assert_close(getattr(mine, name), getattr(theirs, name), rtol=1e-4, atol=1e-4)
+
+
+def test_a_step_that_does_not_compile_falls_back_to_the_whole_graph(monkeypatch, caplog):
+    def broken(gm, inputs, inner, rewritten=False):
+        raise RuntimeError("no kernel for you")
+
+    monkeypatch.setattr(diagpass.runtime.segment_steps, "inner_compile", broken)
+    model = _armt()
+    compiled = torch.compile(model, backend="diagonal", options=STEPS)
+    with torch.no_grad():
+        for _ in range(2):
+            assert_matches_eager(model, compiled(_ids(5)), _ids(5))
+    assert diagpass.counters["segment_steps"]["graphs_compiled_whole"] == 1
+    assert "a segment step failed (RuntimeError: no kernel for you); compiling the graph whole" in caplog.text
 
 
 @pytest.mark.slow  # Inductor compiles; CI runs -m slow too
