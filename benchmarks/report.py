@@ -93,7 +93,7 @@ def markdown(results: List[dict], meta: dict) -> str:
             d = m.get("diag") or {}
             dtxt = f"{d.get('batched')} / {d.get('num_wavefronts')}" if d and name not in ("inductor", "inductor_bl") else ""
             measured = d.get("measured") or d.get("measured_stacked")
-            if measured is not None:  # timed against the sequential graph on the first calls
+            if measured:  # timed against the sequential graph on the first calls ({}: never timed)
                 dtxt += f" (measured: runs {measured.get('chose', '?')})"
             dtxt = dtxt or _fusion_text(m)
             sp = f"{ref / m['median_ms']:.2f}x" if ref and m.get("median_ms") else "—"
