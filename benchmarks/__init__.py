@@ -18,10 +18,10 @@ side (interleaved rounds, medians); --time-in-process times them where they were
                (counters["inductor"])
   diagonal     torch.compile(m, backend="diagonal", options={"inner": "inductor"})
   stacked_inline  diag_stacked with shared_subgraphs=False: every call inlined (the unrolled graph)
-  seq_inline   diagonal with shared_sequential=False (the default): where the cost/memory rule
-               refuses, the sequential graph Dynamo gave, inline
-  seq_steps    diagonal with segment_steps=True: that fallback as one compiled step per
-               segment, each distinct segment compiled once
+  seq_inline   diagonal with segment_steps=False: where the cost/memory rule refuses, the
+               sequential graph Dynamo gave, inline
+  seq_steps    diagonal with segment_steps=True (the default): that fallback as one compiled
+               step per segment, each distinct segment compiled once
   diag_cached  diagonal with cache_weight_stacks=True: weights stacked once, kept between calls
   rolled       diagonal with roll=True: each distinct batched step compiled once, host loop
   seq_rolled   roll with min_group=10**6: the same host loop, one cell per call (batching off)

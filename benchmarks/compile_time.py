@@ -14,9 +14,10 @@ Each (S, L, mode) runs in a fresh subprocess (no warm caches). Modes:
   batched     options={"cost_model": False}: batched whatever the cost and memory
               rules say, each distinct call a shared subgraph (the default runtime)
   batched_inline  the same with shared_subgraphs=False (every call inlined)
-  seq_inline  options={"shared_sequential": False} (the default): where the memory rule
-              refuses, the sequential graph inline
-  steps       options={"segment_steps": True}: that graph as one compiled step per segment
+  seq_inline  options={"segment_steps": False}: where the memory rule refuses, the
+              sequential graph inline
+  steps       options={"segment_steps": True} (the default): that graph as one compiled
+              step per segment
 ``kernels``: roll's kernels, or the segment steps compiled.
 Columns: dynamo_s (Dynamo trace: call start -> backend entered), backend_s
 (passes + inner compile + kernel compiles during the first call), first_s
@@ -50,7 +51,7 @@ CHILD = textwrap.dedent(
     ids = torch.randint(0, 128, (1, 8 * S))
     opts = {"sequential": {"enabled": False}, "diagonal": {}, "rolled": {"roll": True}, "regions": {"roll": True},
             "batched": {"cost_model": False}, "batched_inline": {"cost_model": False, "shared_subgraphs": False},
-            "seq_inline": {"shared_sequential": False}, "steps": {"segment_steps": True}}[mode]
+            "seq_inline": {"shared_sequential": False, "segment_steps": False}, "steps": {"segment_steps": True}}[mode]
     if mode == "regions":
         diagpass.mark_compile_regions(layer.layer for layer in model.layers)
     fast = torch.compile(model, backend="diagonal", options=opts)

@@ -125,8 +125,9 @@ def make_fn(mode: str, model) -> Callable:
         f = torch.compile(model, backend="diagonal", options={"inner": "inductor"})
     elif mode == "stacked_inline":  # diag_stacked with every call inlined (no shared subgraphs)
         f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "shared_subgraphs": False})
-    elif mode == "seq_inline":  # shared_sequential off: the cost/memory fallback is Dynamo's graph, inline
-        f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "shared_sequential": False})
+    elif mode == "seq_inline":  # the cost/memory fallback is Dynamo's graph, inline (no segment steps)
+        f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "segment_steps": False,
+                                                              "shared_sequential": False})
     elif mode == "seq_steps":  # the sequential fallback as one compiled step per segment
         f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "segment_steps": True})
     elif mode == "diag_cached":  # weights stacked once and kept between calls (one more copy of them)

@@ -54,7 +54,8 @@ class Options:
                distinct segment compiled once and cached process-wide
                (``passes/segment_steps.py``): compile cost follows the distinct
                segments (about three), not S, and a new segment count compiles
-               nothing new. Training too (each step has its backward).
+               nothing new. Training too (each step has its backward). False
+               compiles Dynamo's graph whole (``shared_sequential`` decides how).
     roll:      compile each distinct batched step once (cached across graphs
                and segment counts) and run the schedule as a host loop, glue
                eager; compile cost independent of the number of segments.
@@ -81,7 +82,7 @@ class Options:
     roll: bool = False
     shared_subgraphs: bool = True
     shared_sequential: bool = False
-    segment_steps: bool = False
+    segment_steps: bool = True
     cost_model: bool = True
     max_memory_ratio: float = 1.1
     measure_band: float = 4.0

@@ -25,14 +25,14 @@ inputs is handled there, as for any graph.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
 
 from diagpass.counters import counters
-from diagpass.fx_facts import copy_graph_module, static_meta
+from diagpass.fx_facts import copy_graph_module, example_value, static_meta
 from diagpass.logs import first_line
 from diagpass.runtime.inner import inner_compile
 
@@ -52,22 +52,32 @@ class CompiledStep(torch.nn.Module):
         super().__init__()
         self.step, self.inner = step, inner
         self.structure_id = _STRUCTURE_IDS.setdefault(step.meta["structure"], len(_STRUCTURE_IDS))
-        # the kernel, once a call without numbers found it: Dynamo guards the outer graph's
-        # inputs and grad mode, so every later call of this site has the same metadata
-        # (and Inductor's code asserts its inputs' sizes and strides)
-        self.bound: Optional[Callable] = None
+        # Dynamo guards the outer graph's inputs and grad mode, so at this site only the
+        # arguments Dynamo kept symbolic (numbers, tensors with symbolic sizes) can vary
+        # from call to call; the kernel is kept per their values (Inductor's code also
+        # asserts its inputs' sizes and strides). Hashing the full key every call cost
+        # about 2 ms a step.
+        self.varying = [k for k, ph in enumerate(step.graph.find_nodes(op="placeholder"))
+                        if static_meta([example_value(ph)]) is None]
+        self.kernels: Dict[tuple, Callable] = {}
 
     def forward(self, *args):
         if any(isinstance(a, FakeTensor) for a in args):
             return self.step(*args)
-        if self.bound is not None:
-            return self.bound(*args)
+        site = tuple((a.shape, a.stride()) if isinstance(a, torch.Tensor) else a for a in map(args.__getitem__, self.varying))
+        fn = self.kernels.get(site)
+        if fn is None:
+            fn = self.kernels[site] = self._kernel(args)
+        return fn(*args)
+
+    def _kernel(self, args) -> Callable:
+        """From the process-wide cache, compiled on a miss."""
         tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
         meta = static_meta([args[i] for i in tensors])
         numbers = tuple((i, a) for i, a in enumerate(args) if not isinstance(a, torch.Tensor))
         if meta is None or not all(type(a) in (int, float, bool) for _, a in numbers):
-            counters["segment_steps"]["calls_uncompiled"] += 1  # a symbolic size: run it as it is
-            return self.step(*args)
+            counters["segment_steps"]["calls_uncompiled"] += 1  # never seen: run it as it is
+            return self.step
         key = (self.structure_id, torch.is_grad_enabled(), meta, numbers, self.inner)
         fn = _STEPS.get(key)
         if fn is None:
@@ -76,9 +86,7 @@ class CompiledStep(torch.nn.Module):
             counters["segment_steps"]["steps_compiled"] += 1
         else:
             counters["segment_steps"]["step_cache_hits"] += 1
-        if not numbers:
-            self.bound = fn
-        return fn(*args)
+        return fn
 
 
 def _with_numbers(step: fx.GraphModule, numbers: Dict[int, object]) -> fx.GraphModule:

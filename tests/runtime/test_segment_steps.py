@@ -42,6 +42,13 @@ def test_inference_compiles_three_steps_for_six_segments_and_matches():
     assert c["steps_compiled"] == 3 and c["step_cache_hits"] == 3 and c["calls_uncompiled"] == 0
 
 
+def test_the_option_off_compiles_the_graph_whole():
+    mark = report_count()
+    assert_equivalent(_armt(), _ids(4), options={**STEPS, "segment_steps": False}, expect_batched=False)
+    assert diagpass.counters["segment_steps"]["graphs"] == 0
+    assert all(r.segment_steps is None for r in reports_since(mark))
+
+
 def test_a_new_segment_count_reuses_the_compiled_steps():
     model = _armt()
     compiled = torch.compile(model, backend="diagonal", options=STEPS)
