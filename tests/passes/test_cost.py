@@ -8,6 +8,8 @@ import torch
 
 import diagpass
 import diagpass.backend
+import diagpass.runtime.segment_steps
+import diagpass.runtime.subgraphs
 from diagpass import Options
 from diagpass.models.armt import build_armt, randomize_memory_
 from diagpass.passes.cost import CPU_COPY_BYTES_PER_FLOP, BatchingCost, sequential_peak_bytes
@@ -130,7 +132,7 @@ def test_inductor_on_cpu_leaves_tiny_model_sequential_and_says_why():
 def test_cost_refusal_is_revisited_per_call_when_weights_get_stacked(monkeypatch):
     """Dynamo does not guard on storage: the graph compiled (sequentially, by the cost rule)
     for copied weights is reused after ``stack_weights_``; that call must batch."""
-    for module in (diagpass.backend, diagpass.runtime.subgraphs):
+    for module in (diagpass.backend, diagpass.runtime.subgraphs, diagpass.runtime.segment_steps):
         monkeypatch.setattr(module, "inner_compile", lambda gm, inputs, inner, rewritten=False: gm.forward)
     model = _model()
     ids = _ids(5)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import diagpass
+import diagpass.runtime.segment_steps
 import diagpass.runtime.subgraphs
 from diagpass.models.armt import build_armt, randomize_memory_
 from diagpass.report import report_count, reports_since
@@ -109,7 +110,7 @@ def test_weights_stored_stacked_are_timed_against_the_sequential_graph():
 def test_weights_stacked_after_a_cost_refusal_are_timed_too(monkeypatch):
     """The memory rule refused the copy; the first stacked call batches, and is then timed
     against the sequential graph compiled already (graphs run uncompiled: the plumbing)."""
-    for module in (diagpass.backend, diagpass.runtime.subgraphs):
+    for module in (diagpass.backend, diagpass.runtime.subgraphs, diagpass.runtime.segment_steps):
         monkeypatch.setattr(module, "inner_compile", lambda gm, inputs, inner, rewritten=False: gm.forward)
     model = _model()
     ids = torch.randint(0, 128, (1, 8 * 5))
