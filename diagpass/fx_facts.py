@@ -186,6 +186,50 @@ def tensor_meta(value, with_grad: bool = True, skip_leading: bool = False):
     return key + (value.requires_grad,) if with_grad else key
 
 
+def graph_structure(gm: fx.GraphModule) -> tuple:
+    """``gm``'s nodes in order, each (op, target, arguments with nodes as indices);
+    placeholders by position, not name. Equal for graphs that compute the same
+    function of their inputs with the same ops (constants included)."""
+    index: Dict[fx.Node, int] = {}
+    out = []
+    for i, n in enumerate(gm.graph.nodes):
+        index[n] = i
+        args = fx.node.map_arg((n.args, n.kwargs), lambda a: ("node", index[a]))
+        out.append((n.op, None if n.op == "placeholder" else n.target, _hashable(args)))
+    return tuple(out)
+
+
+def _hashable(x):
+    if isinstance(x, (list, tuple)):
+        return tuple(_hashable(a) for a in x)
+    if isinstance(x, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in x.items()))
+    if isinstance(x, slice):
+        return ("slice", _hashable(x.start), _hashable(x.stop), _hashable(x.step))
+    if isinstance(x, torch.Tensor):
+        return _Identity(x)  # a tensor constant: equal only to itself
+    try:
+        hash(x)
+    except TypeError:
+        return _Identity(x)
+    return x
+
+
+class _Identity:
+    """Equal only to itself; holds the object, so its id is never reused while a key lives."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+    def __eq__(self, other):
+        return isinstance(other, _Identity) and other.obj is self.obj
+
+
 def static_meta(values) -> Optional[tuple]:
     """``tensor_meta`` of each value; None if any is not a tensor or has a
     symbolic size or stride (not worth the risk to reproduce)."""

@@ -42,7 +42,7 @@ import torch.fx as fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from diagpass.counters import counters
-from diagpass.fx_facts import example_value, is_random
+from diagpass.fx_facts import example_value, graph_structure, is_random
 from diagpass.ir.cell_graph import CellGraph
 from diagpass.ir.cells import CellGrid
 from diagpass.ir.meta import AUTOCAST
@@ -205,20 +205,16 @@ def _dense(out: fx.Graph, env: Dict[fx.Node, fx.Node], node: fx.Node, views: set
 
 def _region(gm: fx.GraphModule, nodes: List[fx.Node]) -> Tuple[fx.GraphModule, list, list]:
     """One segment's nodes as a graph of the values it reads; its outputs are
-    the values read outside it. ``meta["structure"]``: the ops, their targets
-    and arguments with nodes as local indices, and the inputs' order."""
+    the values read outside it. ``meta["structure"]``: ``fx_facts.graph_structure``."""
     inside = set(nodes)
     g = fx.Graph()
     env: Dict[fx.Node, fx.Node] = {}
     inputs: List[fx.Node] = []
-    local: Dict[fx.Node, int] = {}
-    structure: list = []
 
     def read(a: fx.Node) -> fx.Node:
         if a not in env:
             _require_value(a)
             inputs.append(a)
-            local[a] = -len(inputs)
             env[a] = g.placeholder(f"in_{len(inputs) - 1}")
             env[a].meta.update(a.meta)
         return env[a]
@@ -228,15 +224,12 @@ def _region(gm: fx.GraphModule, nodes: List[fx.Node]) -> Tuple[fx.GraphModule, l
             if a not in inside:
                 read(a)
         env[n] = g.node_copy(n, env.__getitem__)
-        local[n] = len(structure)
-        args = fx.node.map_arg((n.args, n.kwargs), lambda a: ("node", local[a]))
-        structure.append((n.op, n.target, _hashable(args)))
     outputs = [n for n in nodes if any(u not in inside for u in n.users)]
     for o in outputs:
         _require_tensor(o)
     g.output(tuple(env[o] for o in outputs))
     sub = fx.GraphModule(gm, g, class_name="SegmentStep")
-    sub.meta["structure"] = (tuple(structure), tuple(local[o] for o in outputs))
+    sub.meta["structure"] = graph_structure(sub)
     return sub, inputs, outputs
 
 
@@ -249,22 +242,6 @@ def _require_value(n: fx.Node) -> None:
 def _require_tensor(n: fx.Node) -> None:
     if not isinstance(example_value(n), torch.Tensor):
         raise _NotTensor(f"{n.name}: {type(example_value(n)).__name__}")
-
-
-def _hashable(x):
-    if isinstance(x, (list, tuple)):
-        return tuple(_hashable(a) for a in x)
-    if isinstance(x, dict):
-        return tuple(sorted((k, _hashable(v)) for k, v in x.items()))
-    if isinstance(x, slice):
-        return ("slice", _hashable(x.start), _hashable(x.stop), _hashable(x.step))
-    if isinstance(x, torch.Tensor):
-        return ("tensor", id(x))  # never shared by accident
-    try:
-        hash(x)
-    except TypeError:
-        return ("object", id(x))
-    return x
 
 
 def _lookup(gm: fx.GraphModule, target: str):

@@ -25,6 +25,7 @@ inputs is handled there, as for any graph.
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Callable, Dict
 
 import torch
@@ -32,7 +33,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
 
 from diagpass.counters import counters
-from diagpass.fx_facts import copy_graph_module, example_value, static_meta
+from diagpass.fx_facts import copy_graph_module, example_value, graph_structure, static_meta
 from diagpass.logs import first_line
 from diagpass.runtime.inner import inner_compile
 
@@ -47,11 +48,15 @@ def clear_step_cache() -> None:
     _STEPS.clear()
 
 
+def _intern(structure: tuple) -> int:
+    return _STRUCTURE_IDS.setdefault(structure, len(_STRUCTURE_IDS))
+
+
 class CompiledStep(torch.nn.Module):
     def __init__(self, step: fx.GraphModule, inner: str):
         super().__init__()
         self.step, self.inner = step, inner
-        self.structure_id = _STRUCTURE_IDS.setdefault(step.meta["structure"], len(_STRUCTURE_IDS))
+        self.structure_id = _intern(step.meta["structure"])
         # Dynamo guards the outer graph's inputs and grad mode, so at this site only the
         # arguments Dynamo kept symbolic (numbers, tensors with symbolic sizes) can vary
         # from call to call; the kernel is kept per their values (Inductor's code also
@@ -74,14 +79,19 @@ class CompiledStep(torch.nn.Module):
         """From the process-wide cache, compiled on a miss."""
         tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
         meta = static_meta([args[i] for i in tensors])
-        numbers = tuple((i, a) for i, a in enumerate(args) if not isinstance(a, torch.Tensor))
-        if meta is None or not all(type(a) in (int, float, bool) for _, a in numbers):
+        numbers = [a for a in args if not isinstance(a, torch.Tensor)]
+        if meta is None or not all(type(a) in (int, float, bool) for a in numbers):
             counters["segment_steps"]["calls_uncompiled"] += 1  # never seen: run it as it is
             return self.step
-        key = (self.structure_id, torch.is_grad_enabled(), meta, numbers, self.inner)
+        # a site Dynamo kept symbolic is keyed as the graph it becomes for these arguments
+        # (a static graph's step, with those sizes as constants, is the same kernel)
+        dynamic = bool(self.varying)
+        step = _specialized(self.step, args) if dynamic else self.step
+        structure = _intern(graph_structure(step)) if dynamic else self.structure_id
+        key = (structure, torch.is_grad_enabled(), meta, self.inner)
         fn = _STEPS.get(key)
         if fn is None:
-            compiled = inner_compile(_with_numbers(self.step, dict(numbers)), [args[i] for i in tensors], self.inner)
+            compiled = inner_compile(copy_graph_module(step)[0], [args[i] for i in tensors], self.inner)
             fn = _STEPS[key] = lambda *a: compiled(*[a[i] for i in tensors])
             counters["segment_steps"]["steps_compiled"] += 1
         else:
@@ -89,16 +99,33 @@ class CompiledStep(torch.nn.Module):
         return fn
 
 
-def _with_numbers(step: fx.GraphModule, numbers: Dict[int, object]) -> fx.GraphModule:
-    """A copy of ``step`` with the inputs at ``numbers`` (sizes Dynamo kept as
-    symbols, concrete in every real call) baked in as constants; in the key too."""
+_FOLDABLE = {operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod,
+             operator.neg, operator.truediv}
+
+
+def _specialized(step: fx.GraphModule, args) -> fx.GraphModule:
+    """A copy of ``step`` for these concrete arguments: its number inputs (sizes Dynamo
+    kept as symbols) baked in as constants, and the sizes it reads off its tensor inputs
+    and the integer arithmetic on them folded. The static graph of another segment count
+    has those as constants: the two steps are then one kernel."""
     gm, _ = copy_graph_module(step)
-    for k, ph in enumerate(list(gm.graph.find_nodes(op="placeholder"))):
-        if k in numbers:
-            for user in list(ph.users):
-                user.args, user.kwargs = fx.node.map_arg((user.args, user.kwargs),
-                                                          lambda n: numbers[k] if n is ph else n)
-            gm.graph.erase_node(ph)
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    given = dict(zip(placeholders, args))
+    known = {ph: a for ph, a in given.items() if not isinstance(a, torch.Tensor)}
+    for n in gm.graph.nodes:
+        if n.op == "call_method" and n.target == "size" and isinstance(given.get(n.args[0]), torch.Tensor):
+            shape = tuple(given[n.args[0]].shape)
+            dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+            if not isinstance(dim, fx.Node):
+                known[n] = shape if dim is None else shape[dim]
+        elif n.op == "call_function" and n.target in _FOLDABLE and n.all_input_nodes \
+                and all(a in known for a in n.all_input_nodes):
+            a, kw = fx.node.map_arg((n.args, n.kwargs), known.__getitem__)
+            known[n] = n.target(*a, **kw)
+    for n in reversed(list(known)):
+        for user in list(n.users):
+            user.args, user.kwargs = fx.node.map_arg((user.args, user.kwargs), lambda m: known[m] if m is n else m)
+        gm.graph.erase_node(n)
     gm.recompile()
     return gm
 
