@@ -97,6 +97,21 @@ def test_a_step_that_does_not_compile_falls_back_to_the_whole_graph(monkeypatch,
     assert "a segment step failed (RuntimeError: no kernel for you); compiling the graph whole" in caplog.text
 
 
+def test_a_transformer_xl_cache_under_inductor_matches_eager():
+    """A Transformer-XL step returns its input hidden states (detached) as the next cache:
+    an output that views an input, the case Inductor got wrong inside shared subgraphs."""
+    cfg = FamilyConfig(vocab_size=32, d_model=16, n_layers=3, n_heads=2, segment_size=4, num_mem_tokens=2,
+                       memory_kind="xl_cache")
+    model = build_family_model(cfg, seed=3).eval()
+    ids = torch.randint(0, 32, (2, 4 * 5), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, backend="diagonal")  # the defaults: the cost rule refuses, steps
+    with torch.no_grad():
+        for _ in range(2):
+            assert_matches_eager(model, compiled(ids), ids)
+    assert diagpass.counters["segment_steps"]["graphs"] == 1
+    assert diagpass.counters["segment_steps"]["steps_compiled"] >= 2
+
+
 @pytest.mark.slow  # Inductor compiles; CI runs -m slow too
 def test_inductor_steps_match_eager_in_inference_and_training():
     options = {**STEPS, "inner": "inductor"}
