@@ -42,8 +42,8 @@ class Options:
                (``runtime/subgraphs.py``): compile cost follows the distinct
                calls, not the segments. False inlines every call (the unrolled
                graph); graphs that need gradients always inline.
-    shared_sequential: the sequential graph the cost and memory rules fall
-               back to runs cell by cell with shared subgraphs too (inference,
+    shared_sequential: with ``segment_steps=False``, the sequential graph the cost and
+               memory rules fall back to runs cell by cell with shared subgraphs too (inference,
                Inductor): its compile cost then follows the distinct cells, not
                S x L, but it ran 4-6% slower than Inductor's inline sequential
                graph on some configs and 14% faster on others (README). Off by
