@@ -7,5 +7,8 @@
 - ``lower``: the batch pass's ``GroupCall`` IR -> the modules above;
 - ``checks``: trial traces of each group and the fake-tensor check of a lowered graph;
 - ``dispatch``: which compiled variant a call runs (stacked views / copying / sequential);
-- ``inner``: the inner compilers and the Inductor options of rewritten graphs.
+- ``inner``: the inner compilers and the Inductor options of rewritten graphs;
+- ``subgraphs`` / ``subgraph_aliasing``: each distinct call one ``invoke_subgraph``;
+- ``segment_steps``: the sequential graph's steps (one per segment), each distinct one
+  compiled once, cached process-wide.
 """
