@@ -124,6 +124,10 @@ def _placement(grid: CellGrid, cells: CellGraph) -> Dict[fx.Node, Tuple[int, int
             place[n] = (r, 0 if r in (_PROLOGUE, _EPILOGUE) else 2 * r * L, index[n])
         else:
             place[n] = (_PROLOGUE, 0, index[n])
+    for n in free:  # a slice of a mask or position table built once: a view, outside too
+        outer = all(a.op in ("placeholder", "get_attr") or place[a][0] == _PROLOGUE for a in n.all_input_nodes)
+        if outer and place[n][0] != _PROLOGUE and _is_view(n):
+            place[n] = (_PROLOGUE, 0, index[n])
     return place
 
 
@@ -134,6 +138,17 @@ def _input_storages(gm: fx.GraphModule) -> set:
         if isinstance(v, torch.Tensor):
             out.add(StorageWeakRef(v.untyped_storage()))
     return out
+
+
+def _is_view(n: fx.Node) -> bool:
+    """Whether ``n``'s value shares the storage of one of its inputs' values."""
+    mine = _storages(example_value(n))
+    return bool(mine) and any(mine <= _storages(example_value(a)) for a in n.all_input_nodes)
+
+
+def _storages(v) -> set:
+    values = v if isinstance(v, (tuple, list)) else (v,)
+    return {StorageWeakRef(t.untyped_storage()) for t in values if isinstance(t, torch.Tensor)}
 
 
 def _views_an_input(n: fx.Node, inputs: set) -> bool:
@@ -165,7 +180,7 @@ def _cut(gm: fx.GraphModule, regions: Dict[int, List[fx.Node]]) -> fx.GraphModul
         if n.op in ("placeholder", "get_attr"):
             env[n] = out.node_copy(n, env.__getitem__)
     inputs = _input_storages(gm)
-    views = {n for n in regions.get(_PROLOGUE, ()) if _views_an_input(n, inputs)}
+    views = {n for n in regions.get(_PROLOGUE, ()) if _views_an_input(n, inputs) or _is_view(n)}
     for r in sorted(regions):
         nodes = regions[r]
         if r in (_PROLOGUE, _EPILOGUE):

@@ -10,6 +10,7 @@ import torch
 from diagpass import pipeline
 from diagpass.models.armt import build_armt, randomize_memory_
 from diagpass.models.family import FamilyConfig, build_family_model
+from diagpass.models.official_shapes import build_official_shape
 from diagpass.options import Options
 from diagpass.passes.segment_steps import segment_steps
 from tests.helpers import dynamo_graph
@@ -66,6 +67,16 @@ def test_family_loop_shapes_cut_the_same(form):
     gm, inputs, steps, why = _cut(model, torch.randint(0, 64, (1, 8 * S)))
     assert why == "", why
     assert steps.num_steps == S and steps.num_structures <= 4
+    _same_outputs(gm, steps, inputs)
+
+
+@pytest.mark.parametrize("shape", ["horizontal", "attribute_memory"])
+def test_official_armt_shapes_cut_into_at_most_three_structures(shape):
+    """The current armt.py shape builds its mask and positions once for the whole
+    sequence and slices them per segment: those slices stay outside the steps (their
+    offsets would make every step differ), passed in as contiguous copies."""
+    gm, inputs, steps, why = _cut(build_official_shape(shape), torch.randint(0, 128, (2, 8 * 5)))
+    assert why == "" and steps.num_steps == 5 and steps.num_structures <= 3
     _same_outputs(gm, steps, inputs)
 
 
