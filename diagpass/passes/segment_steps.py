@@ -78,7 +78,7 @@ def segment_steps(grid: CellGrid, cells: CellGraph) -> Tuple[Optional[SegmentSte
         regions.setdefault(place[n][0], []).append(n)
     try:
         out = _cut(gm, regions)
-    except _NotTensor as e:
+    except _NotCrossable as e:
         return None, f"a value crossing a segment's cut is not a tensor or a number ({e})"
     structures = {m.meta["structure"] for _, m in out.named_children()}
     counters["segment_steps"]["graphs"] += 1
@@ -132,12 +132,7 @@ def _placement(grid: CellGrid, cells: CellGraph) -> Dict[fx.Node, Tuple[int, int
 
 
 def _input_storages(gm: fx.GraphModule) -> set:
-    out = set()
-    for n in gm.graph.nodes:
-        v = example_value(n) if n.op in ("placeholder", "get_attr") else None
-        if isinstance(v, torch.Tensor):
-            out.add(StorageWeakRef(v.untyped_storage()))
-    return out
+    return set().union(*(_storages(example_value(n)) for n in gm.graph.nodes if n.op in ("placeholder", "get_attr")))
 
 
 def _is_view(n: fx.Node) -> bool:
@@ -153,10 +148,8 @@ def _storages(v) -> set:
 
 def _views_an_input(n: fx.Node, inputs: set) -> bool:
     """Whether ``n``'s value (a tensor, or a tuple of them: a split) shares a graph input's storage."""
-    v = example_value(n)
-    values = v if isinstance(v, (tuple, list)) else (v,)
-    tensors = [t for t in values if isinstance(t, torch.Tensor)]
-    return bool(tensors) and all(StorageWeakRef(t.untyped_storage()) in inputs for t in tensors)
+    mine = _storages(example_value(n))
+    return bool(mine) and mine <= inputs
 
 
 def _topological(gm: fx.GraphModule, order: List[fx.Node]) -> bool:
@@ -168,8 +161,8 @@ def _topological(gm: fx.GraphModule, order: List[fx.Node]) -> bool:
     return True
 
 
-class _NotTensor(Exception):
-    pass
+class _NotCrossable(Exception):
+    """A value that cannot cross a step's cut."""
 
 
 def _cut(gm: fx.GraphModule, regions: Dict[int, List[fx.Node]]) -> fx.GraphModule:
@@ -179,8 +172,9 @@ def _cut(gm: fx.GraphModule, regions: Dict[int, List[fx.Node]]) -> fx.GraphModul
     for n in gm.graph.nodes:
         if n.op in ("placeholder", "get_attr"):
             env[n] = out.node_copy(n, env.__getitem__)
-    inputs = _input_storages(gm)
-    views = {n for n in regions.get(_PROLOGUE, ()) if _views_an_input(n, inputs) or _is_view(n)}
+    input_storages = _input_storages(gm)
+    views = {n for n in regions.get(_PROLOGUE, ()) if _views_an_input(n, input_storages) or _is_view(n)}
+    dense: Dict[fx.Node, fx.Node] = {}
     for r in sorted(regions):
         nodes = regions[r]
         if r in (_PROLOGUE, _EPILOGUE):
@@ -190,7 +184,7 @@ def _cut(gm: fx.GraphModule, regions: Dict[int, List[fx.Node]]) -> fx.GraphModul
         sub, inputs, outputs = _region(gm, nodes)
         name = f"segment_{r}"
         root[name] = sub
-        call = out.call_module(name, tuple(_dense(out, env, i, views) for i in inputs))
+        call = out.call_module(name, tuple(_dense(out, env, dense, i, views) for i in inputs))
         for j, o in enumerate(outputs):
             env[o] = out.call_function(operator.getitem, (call, j))
             env[o].meta.update(o.meta)
@@ -198,24 +192,24 @@ def _cut(gm: fx.GraphModule, regions: Dict[int, List[fx.Node]]) -> fx.GraphModul
         out.node_copy(n, env.__getitem__)
     for n in gm.graph.nodes:
         if n.op == "get_attr":
-            root[n.target] = _lookup(gm, n.target)
+            root[n.target] = operator.attrgetter(n.target)(gm)
     out.lint()
     new = fx.GraphModule(root, out, class_name=type(gm).__name__)
     new.meta = dict(gm.meta)
     return new
 
 
-def _dense(out: fx.Graph, env: Dict[fx.Node, fx.Node], node: fx.Node, views: set) -> fx.Node:
+def _dense(out: fx.Graph, env: Dict[fx.Node, fx.Node], dense: Dict[fx.Node, fx.Node], node: fx.Node,
+           views: set) -> fx.Node:
     """A step's argument; a view of a graph input (a segment's slice) as a contiguous
     copy, made once: its strides would otherwise follow the input's length, and a
     step compiled for one segment count would not serve another."""
     if node not in views or not isinstance(example_value(node), torch.Tensor):
         return env[node]
-    key = ("dense", node)
-    if key not in env:
-        env[key] = out.call_method("clone", (env[node],), {"memory_format": torch.contiguous_format})
-        env[key].meta.update(node.meta)
-    return env[key]
+    if node not in dense:
+        dense[node] = out.call_method("clone", (env[node],), {"memory_format": torch.contiguous_format})
+        dense[node].meta.update(node.meta)
+    return dense[node]
 
 
 def _region(gm: fx.GraphModule, nodes: List[fx.Node]) -> Tuple[fx.GraphModule, list, list]:
@@ -251,16 +245,9 @@ def _region(gm: fx.GraphModule, nodes: List[fx.Node]) -> Tuple[fx.GraphModule, l
 def _require_value(n: fx.Node) -> None:
     """A tensor, or a number (a size Dynamo kept symbolic: concrete per call)."""
     if not isinstance(example_value(n), (torch.Tensor, int, float, bool, torch.SymInt, torch.SymFloat)):
-        raise _NotTensor(f"{n.name}: {type(example_value(n)).__name__}")
+        raise _NotCrossable(f"{n.name}: {type(example_value(n)).__name__}")
 
 
 def _require_tensor(n: fx.Node) -> None:
     if not isinstance(example_value(n), torch.Tensor):
-        raise _NotTensor(f"{n.name}: {type(example_value(n)).__name__}")
-
-
-def _lookup(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+        raise _NotCrossable(f"{n.name}: {type(example_value(n)).__name__}")

@@ -7,7 +7,8 @@ arguments' static metadata) and compiles on a miss (``inner_compile`` of a
 copy, with the real arguments). The middle segments share one structure, so a
 model compiles about three steps whatever S is, and a new segment count finds
 them compiled. The outer graph (prologue, the step calls, epilogue) runs as
-Python: a few eager views, embeddings and the final concatenation per call.
+Python: views of the input (as contiguous copies), glue several steps share, and
+the final concatenation.
 
 Before (``SegmentSteps.gm``)::
 
