@@ -12,13 +12,15 @@ Each (S, L, mode) runs in a fresh subprocess (no warm caches). Modes:
               diagpass.mark_compile_regions (torch.compiler.nested_compile_region):
               Dynamo traces a layer body once instead of S x L times
   batched     options={"cost_model": False}: batched whatever the cost and memory
-              rules say, each distinct call a shared subgraph (the default runtime)
-  batched_inline  the same with shared_subgraphs=False (every call inlined)
+              rules say, one compiled step per wavefront (the default runtime)
+  batched_whole   the same with wavefront_steps=False: the batched graph whole, each
+              distinct call a shared subgraph
+  batched_inline  the same with shared_subgraphs=False too (every call inlined)
   seq_inline  options={"segment_steps": False}: where the memory rule refuses, the
               sequential graph inline
   steps       options={"segment_steps": True} (the default): that graph as one compiled
               step per segment
-``kernels``: roll's kernels, or the segment steps compiled.
+``kernels``: roll's kernels, or the segment or wavefront steps compiled.
 Columns: dynamo_s (Dynamo trace: call start -> backend entered), backend_s
 (passes + inner compile + kernel compiles during the first call), first_s
 (first call total), steady_ms (median of 5 calls), max abs diff of the output vs
@@ -50,7 +52,8 @@ CHILD = textwrap.dedent(
     randomize_memory_(model)
     ids = torch.randint(0, 128, (1, 8 * S))
     opts = {"sequential": {"enabled": False}, "diagonal": {}, "rolled": {"roll": True}, "regions": {"roll": True},
-            "batched": {"cost_model": False}, "batched_inline": {"cost_model": False, "shared_subgraphs": False},
+            "batched": {"cost_model": False, "wavefront_steps": True}, "batched_inline": {"cost_model": False, "shared_subgraphs": False,
+            "wavefront_steps": False}, "batched_whole": {"cost_model": False, "wavefront_steps": False},
             "seq_inline": {"shared_sequential": False, "segment_steps": False}, "steps": {"segment_steps": True}}[mode]
     if mode == "regions":
         diagpass.mark_compile_regions(layer.layer for layer in model.layers)
@@ -71,7 +74,8 @@ CHILD = textwrap.dedent(
     dynamo = rep.timings["entered_at"] - t0
     row = {"S": S, "L": L, "mode": mode, "dynamo_s": dynamo, "backend_s": (t1 - t0) - dynamo - min(times),
            "first_s": t1 - t0, "steady_ms": 1e3 * statistics.median(times), "nodes": rep.num_nodes,
-           "kernels": counters["roll"]["kernels_compiled"] + counters["segment_steps"]["steps_compiled"], "max_diff": diff,
+           "kernels": counters["roll"]["kernels_compiled"] + counters["segment_steps"]["steps_compiled"]
+           + counters["wavefront_steps"]["steps_compiled"], "max_diff": diff,
            "err_vs_fp64": err, "eager_err_vs_fp64": eager_err}
     if len(sys.argv) > 4:  # a second segment count: what a new input length costs
         S2 = int(sys.argv[4])

@@ -26,9 +26,9 @@ from diagpass.options import Options
 from diagpass.pipeline import Plan
 from diagpass.report import record
 from diagpass.runtime.dispatch import GraphDispatch, Lazy, MeasuredChoice, needs_grad, recorded, verified
-from diagpass.runtime.group_op import compile_glue
+from diagpass.runtime.group_op import compile_rolled
 from diagpass.runtime.inner import inner_compile
-from diagpass.runtime.segment_steps import compile_segment_steps, with_fallback
+from diagpass.runtime.segment_steps import compile_steps, with_fallback
 from diagpass.runtime.subgraphs import compile_shared_subgraphs
 from diagpass.weights import WeightStackCache
 
@@ -55,23 +55,21 @@ def _compile(plan: Plan, example_inputs) -> Callable:
     rewrite, options, arity = plan.rewrite, plan.options, len(example_inputs)
     if rewrite is not None:
         sequential = Lazy(lambda args: _sequential(plan, args))
-        copying = Lazy(lambda args: _compile_rewritten(rewrite.gm, args, options))
+        copying = Lazy(lambda args: _compile_rewritten(rewrite.gm, args, options, plan.report))
         if plan.measured:
             copying = _measured(plan, copying, sequential, example_inputs)
         if rewrite.stacked is None:
             if plan.measured:
                 return lambda *args: copying(args)(*args)
             return copying(example_inputs)
-        stacked = _stacked(plan, Lazy(lambda full: _compile_rewritten(rewrite.stacked.gm, full, options),
+        stacked = _stacked(plan, Lazy(lambda full: _compile_rewritten(rewrite.stacked.gm, full, options, plan.report),
                                       counter="stacked_graphs_compiled"), sequential, arity)
         cache = WeightStackCache() if options.cache_weight_stacks else None
         dispatch = GraphDispatch(plan.weight_inputs, stacked, copying=copying, cache=cache)
         if dispatch.views(example_inputs) is None and cache is None:
             copying(example_inputs)  # a MeasuredChoice compiled both variants already
-        # else the stacked variant compiles on its first call, outside Dynamo's tracing
-        # context: its extra inputs (views of the stored stacks) are no graph inputs of
-        # Dynamo's, and compiled inside that context their sizes became symbols of
-        # Dynamo's ShapeEnv that its guards cannot name (GQA: IndexError in produce_guards)
+        # else the stacked variant compiles on its first call, outside Dynamo's tracing context: its
+        # extra inputs' sizes would become symbols its guards cannot name (GQA: IndexError in produce_guards)
         return dispatch
     if not plan.cost_refused:  # nothing to batch: segment steps, or Dynamo's graph
         return _sequential(plan, example_inputs, cell_by_cell=False)
@@ -101,14 +99,13 @@ def _dropping_stacks(sequential: Callable, arity: int) -> Callable:
 
 
 def _sequential(plan: Plan, example_inputs, cell_by_cell: bool = True) -> Callable:
-    """The sequential graph: one step per segment (``segment_steps``), cell by cell as shared
-    subgraphs (``shared_sequential``), or a copy of Dynamo's graph inline (the plan's cells
-    may be its nodes, which Inductor may edit)."""
+    """One step per segment (``segment_steps``), cells as shared subgraphs (``shared_sequential``),
+    or a copy of Dynamo's graph inline (the plan's cells may be its nodes, which Inductor may edit)."""
     opts, dynamo_gm = plan.options, plan.gm
     steps = pipeline.segment_steps_rewrite(plan) if opts.segment_steps else None
     whole = lambda args: inner_compile(copy_graph_module(dynamo_gm)[0], list(args), opts.inner)  # noqa: E731
     if steps is not None:  # each distinct segment compiled once (runtime/segment_steps.py)
-        return with_fallback(compile_segment_steps(steps, opts.inner), whole)
+        return with_fallback(compile_steps(steps, opts.inner), whole)
     shared = cell_by_cell and opts.shared_sequential and opts.compiles_shared_subgraphs and not needs_grad(example_inputs)
     gm = pipeline.sequential_rewrite(plan) if shared else None
     if gm is not None:
@@ -131,20 +128,23 @@ def _batched_when_stacked(plan: Plan, full_args, sequential: Callable, arity: in
     if late.rewrite is None or late.rewrite.stacked is None:
         return _dropping_stacks(sequential, arity)
     counters["stacked_weights"]["stacked_graphs_compiled"] += 1
-    compiled = _compile_rewritten(late.rewrite.stacked.gm, list(full_args), plan.options)
+    compiled = _compile_rewritten(late.rewrite.stacked.gm, list(full_args), plan.options, late.report)
     if not plan.options.verify:
         return compiled
     return verified(compiled, lambda *full: plan.gm(*full[:arity]), plan.options.rtol, plan.options.atol)
 
 
-def _compile_rewritten(gm: fx.GraphModule, args, opts: Options) -> Callable:
+def _compile_rewritten(gm: fx.GraphModule, args, opts: Options, report) -> Callable:
+    steps = pipeline.wavefront_steps_rewrite(gm, report) if opts.wavefront_steps and not opts.roll else None
+    if steps is None:
+        return _compile_whole(gm, args, opts)
+    return with_fallback(compile_steps(steps, opts.inner, rewritten=True, kind="wavefront_steps"),
+                         lambda real: _compile_whole(gm, real, opts), kind="wavefront_steps")
+
+
+def _compile_whole(gm: fx.GraphModule, args, opts: Options) -> Callable:
     if opts.compiles_shared_subgraphs and not needs_grad(args):
         return compile_shared_subgraphs(gm, args, opts.inner)
-    if not opts.roll:
-        return inner_compile(gm, list(args), opts.inner, rewritten=True)
-    # roll: kernels compiled once each; glue eager, or compiled in inference (compile_glue)
-    if not opts.compile_glue or opts.inner != "inductor" or needs_grad(args):
-        return gm.forward
-    # on the first call, outside Dynamo's tracing context (the kernels compile then too)
-    glue = Lazy(lambda real: compile_glue(gm, real, opts.inner) or gm.forward)
-    return lambda *real: glue(real)(*real)
+    if opts.roll:
+        return compile_rolled(gm, args, opts.inner, opts.compile_glue)
+    return inner_compile(gm, list(args), opts.inner, rewritten=True)

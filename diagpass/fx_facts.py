@@ -195,8 +195,28 @@ def graph_structure(gm: fx.GraphModule) -> tuple:
     for i, n in enumerate(gm.graph.nodes):
         index[n] = i
         args = fx.node.map_arg((n.args, n.kwargs), lambda a: ("node", index[a]))
-        out.append((n.op, None if n.op == "placeholder" else n.target, _hashable(args)))
+        target = None if n.op == "placeholder" else n.target
+        if n.op == "call_module":  # by what the module computes, not by its name in this graph
+            module = gm.get_submodule(n.target)
+            target = module_structure(module) or _Identity(module)
+        out.append((n.op, target, _hashable(args)))
     return tuple(out)
+
+
+def module_structure(module: torch.nn.Module) -> Optional[tuple]:
+    """A key equal for modules computing the same function of their arguments: a
+    graph module's ``graph_structure``, or a module's own ``structure`` (``BatchedCell``);
+    None for a module holding state (parameters, buffers) or without one."""
+    if isinstance(module, fx.GraphModule) and not _has_state(module):
+        return ("graph", graph_structure(module))
+    own = getattr(module, "structure", None)
+    if isinstance(own, tuple) and not _has_state(module):
+        return (type(module).__qualname__, own)
+    return None
+
+
+def _has_state(module: torch.nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
 def _hashable(x):

@@ -56,6 +56,14 @@ class Options:
                segments (about three), not S, and a new segment count compiles
                nothing new. Training too (each step has its backward). False
                compiles Dynamo's graph whole (``shared_sequential`` decides how).
+    wavefront_steps: the batched graph (not ``roll``) runs as one call per wavefront,
+               each distinct wavefront compiled once and cached process-wide
+               (``passes/wavefront_steps.py``): the steady state is one structure,
+               so compile cost follows L, not S, and a new segment count compiles
+               only the wavefronts it has not met. Training too (each step has its
+               backward). False compiles the batched graph whole
+               (``shared_subgraphs`` decides how). Off by default until its
+               steady-state speed is measured against the whole graph.
     roll:      compile each distinct batched step once (cached across graphs
                and segment counts) and run the schedule as a host loop, glue
                eager; compile cost independent of the number of segments.
@@ -83,6 +91,7 @@ class Options:
     shared_subgraphs: bool = True
     shared_sequential: bool = False
     segment_steps: bool = True
+    wavefront_steps: bool = False
     cost_model: bool = True
     max_memory_ratio: float = 1.1
     measure_band: float = 4.0

@@ -59,6 +59,7 @@ from diagpass.passes.inline_subgraphs import has_subgraph_calls, inline_subgraph
 from diagpass.passes.partition import partition
 from diagpass.passes.schedule import cells_partly_in_autocast, schedule
 from diagpass.passes.segment_steps import segment_steps
+from diagpass.passes.wavefront_steps import wavefront_steps
 from diagpass.passes.see_through import has_concat_reads, simplify_concat_slices
 from diagpass.passes.stacked_weights import LiftedStacks, lift_weight_stacks
 from diagpass.report import GraphReport
@@ -255,6 +256,23 @@ def segment_steps_rewrite(plan: Plan) -> Optional[fx.GraphModule]:
         log.info("diagpass: the sequential graph compiles whole, not segment by segment: %s", why)
         return None
     plan.report.segment_steps = {"steps": steps.num_steps, "structures": steps.num_structures}
+    return steps.gm
+
+
+def wavefront_steps_rewrite(gm: fx.GraphModule, report: GraphReport) -> Optional[fx.GraphModule]:
+    """A lowered batched graph (or its stacked variant) cut into one call per wavefront
+    (``passes/wavefront_steps.py``); None when it cannot be cut (then it compiles whole)."""
+    try:
+        with _gc_paused():
+            steps, why = wavefront_steps(gm)
+    except Exception as e:  # noqa: BLE001 - a compile-time saving: never worth a crash
+        log.warning("diagpass: the wavefront steps were not built (%s); compiling the batched graph whole",
+                    logs.first_line(e), exc_info=log.isEnabledFor(logging.DEBUG))
+        return None
+    if steps is None:
+        log.info("diagpass: the batched graph compiles whole, not wavefront by wavefront: %s", why)
+        return None
+    report.wavefront_steps = {"steps": steps.num_steps, "structures": steps.num_structures}
     return steps.gm
 
 

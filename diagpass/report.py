@@ -35,6 +35,8 @@ class GraphReport:
     measured_stacked: Optional[Dict[str, object]] = None
     # the sequential graph as one call per segment (segment_steps): calls, distinct structures
     segment_steps: Optional[Dict[str, int]] = None
+    # the batched graph as one call per wavefront (wavefront_steps): calls, distinct structures
+    wavefront_steps: Optional[Dict[str, int]] = None
     # set when the cost decision left the graph sequential for copied weights: the input
     # positions of each layer-weight role; a call with them stored stacked batches after all
     weight_inputs: Optional[List[List[int]]] = None

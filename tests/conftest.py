@@ -32,11 +32,14 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    """Every test starts with empty Dynamo caches and counters."""
+    """Every test starts with empty Dynamo caches, counters and step cache."""
     import diagpass
+
+    from diagpass.runtime.segment_steps import clear_step_cache
 
     torch._dynamo.reset()
     diagpass.counters.clear()
+    clear_step_cache()  # compiled steps are process-wide: a test's stubbed compile must not leak
     torch.manual_seed(0)  # unseeded draws in a test do not depend on the tests before it
     yield
     torch._dynamo.reset()

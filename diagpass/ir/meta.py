@@ -31,3 +31,9 @@ COPIED = "diagpass_copied"
 # Set by passes/batch.py on the ``getitem`` that stands for a cell output
 # after batching: that output's fake value (the fake check compares with it).
 REPLACES = "diagpass_replaces"
+
+# Set by passes/batch.py on every compute node it emits: (wavefront index, role),
+# the index -1 for glue emitted before the first wavefront (it reads no cell),
+# role "group" for a group's nodes (its stacks, call, results, or a cell copied
+# node for node) and "glue" for glue. passes/wavefront_steps.py cuts by it.
+WAVEFRONT = "diagpass_wavefront"

@@ -33,6 +33,7 @@ check stays the safety net. With ``roll`` every group is emitted as a call
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import operator
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -44,7 +45,7 @@ from diagpass.counters import counters
 from diagpass.fx_facts import example_value
 from diagpass.ir.cell_graph import CellGraph
 from diagpass.ir.cells import Cell, CellGrid
-from diagpass.ir.meta import AUTOCAST, COPIED, REPLACES, WEIGHT_STACK
+from diagpass.ir.meta import AUTOCAST, COPIED, REPLACES, WAVEFRONT, WEIGHT_STACK
 from diagpass.ir.rewrite import BatchedGraph, GroupCall
 from diagpass.ir.schedule import Group, Schedule
 
@@ -283,6 +284,35 @@ def _emit_rolled(em: "_Emitter", name: str, group: Group, done: List[Group], min
             counters["batch"]["cells"] += len(chunk)
 
 
+@contextlib.contextmanager
+def _tagged(em: "_Emitter", wave: int, role: str):
+    """Every node emitted inside gets ``WAVEFRONT`` (wave, role)."""
+    mark = em._last_node()
+    yield
+    node = em._last_node()
+    while node is not mark and node is not None:
+        node.meta[WAVEFRONT] = (wave, role)
+        node = node.prev if node.prev.op != "root" else None
+
+
+def _emit_groups(em: "_Emitter", wave, done: List[Group], min_group: int, roll: bool) -> None:
+    sched, grid = em.sched, em.grid
+    for j, group in enumerate(wave.groups):
+        has_signature = sched.signatures[group.cells[0]] is not None
+        if roll and has_signature:
+            _emit_rolled(em, f"diag_t{wave.index}_g{j}", group, done, min_group)
+            continue
+        batchable = group.size >= min_group and has_signature
+        if batchable and em.batched(f"diag_t{wave.index}_g{j}", group.cells):
+            done.append(group)
+            counters["batch"]["groups"] += 1
+            counters["batch"]["cells"] += group.size
+            continue
+        for cid in group.cells:
+            for node in grid.cells[cid].nodes:
+                em.copy(node)
+
+
 def batch_wavefronts(
     grid: CellGrid, graph: CellGraph, sched: Schedule, min_group: int = 2, roll: bool = False,
     trial: Optional[Trial] = None,
@@ -294,27 +324,17 @@ def batch_wavefronts(
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr"):
             em.copy(node)
-    for node in buckets.get(-1, []):
-        em.copy(node)
+    with _tagged(em, -1, "glue"):
+        for node in buckets.get(-1, []):
+            em.copy(node)
 
     done: List[Group] = []
     for wave in sched.wavefronts:
-        for j, group in enumerate(wave.groups):
-            has_signature = sched.signatures[group.cells[0]] is not None
-            if roll and has_signature:
-                _emit_rolled(em, f"diag_t{wave.index}_g{j}", group, done, min_group)
-                continue
-            batchable = group.size >= min_group and has_signature
-            if batchable and em.batched(f"diag_t{wave.index}_g{j}", group.cells):
-                done.append(group)
-                counters["batch"]["groups"] += 1
-                counters["batch"]["cells"] += group.size
-                continue
-            for cid in group.cells:
-                for node in grid.cells[cid].nodes:
-                    em.copy(node)
-        for node in buckets.get(wave.index, []):
-            em.copy(node)
+        with _tagged(em, wave.index, "group"):
+            _emit_groups(em, wave, done, min_group, roll)
+        with _tagged(em, wave.index, "glue"):
+            for node in buckets.get(wave.index, []):
+                em.copy(node)
     for node in gm.graph.find_nodes(op="output"):
         em.copy(node)
 

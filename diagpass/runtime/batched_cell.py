@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from diagpass.counters import counters
-from diagpass.fx_facts import SDPA_TARGETS, example_value, is_sdpa
+from diagpass.fx_facts import SDPA_TARGETS, example_value, graph_structure, is_sdpa
 from diagpass.runtime.row_wise import row_wise_spec
 
 def is_direct_cat(node: fx.Node) -> bool:
@@ -166,6 +166,11 @@ class BatchedCell(torch.nn.Module):
         for i, p in enumerate(self._pieces):
             if p.gm is not None:
                 self.add_module(f"piece{i}", p.gm)
+
+    @property
+    def structure(self) -> tuple:
+        """Equal for calls computing the same function (``fx_facts.module_structure``)."""
+        return graph_structure(self.template), self.in_dims, self.group_size
 
     def _group_size(self, args):
         """G from the stacked arguments, not ``self.group_size``: a kernel

@@ -182,3 +182,15 @@ def compile_glue(gm: fx.GraphModule, example_inputs, inner: str) -> Optional[Cal
         return compiled(*args)
 
     return run
+
+
+def compile_rolled(gm: fx.GraphModule, args, inner: str, glue: bool) -> Callable:
+    """A ``roll`` graph: its group calls take their kernels from the cache; the glue runs
+    eagerly, or with ``glue`` (inference, Inductor) compiled around them on the first call,
+    outside Dynamo's tracing context (the kernels compile then too)."""
+    from diagpass.runtime.dispatch import Lazy, needs_grad
+
+    if not glue or inner != "inductor" or needs_grad(args):
+        return gm.forward
+    compiled = Lazy(lambda real: compile_glue(gm, real, inner) or gm.forward)
+    return lambda *real: compiled(real)(*real)

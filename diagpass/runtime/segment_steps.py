@@ -1,7 +1,8 @@
-"""Segment steps: each distinct segment's subgraph compiled once, reused across segments and graphs.
+"""Steps: each distinct segment's (or wavefront's) subgraph compiled once, reused across steps and graphs.
 
 ``passes/segment_steps.py`` cuts the sequential graph into one ``call_module``
-per segment. Here each of those subgraphs becomes a ``CompiledStep``: on its
+per segment, ``passes/wavefront_steps.py`` the batched graph into one per
+wavefront (the same, with its steady state one structure). Here each of those subgraphs becomes a ``CompiledStep``: on its
 first call it looks up a process-wide cache by (structure, grad mode, the
 arguments' static metadata) and compiles on a miss (``inner_compile`` of a
 copy, with the real arguments). The middle segments share one structure, so a
@@ -54,9 +55,12 @@ def _intern(structure: tuple) -> int:
 
 
 class CompiledStep(torch.nn.Module):
-    def __init__(self, step: fx.GraphModule, inner: str):
+    """``rewritten``: a wavefront step (``passes/wavefront_steps.py``), compiled with the
+    Inductor options of rewritten graphs; ``kind`` names its counters."""
+
+    def __init__(self, step: fx.GraphModule, inner: str, rewritten: bool = False, kind: str = "segment_steps"):
         super().__init__()
-        self.step, self.inner = step, inner
+        self.step, self.inner, self.rewritten, self.kind = step, inner, rewritten, kind
         self.structure_id = _intern(step.meta["structure"])
         # Dynamo guards the outer graph's inputs and grad mode, so at this site only the
         # arguments Dynamo kept symbolic (numbers, tensors with symbolic sizes) can vary
@@ -82,21 +86,22 @@ class CompiledStep(torch.nn.Module):
         meta = static_meta([args[i] for i in tensors])
         numbers = [a for a in args if not isinstance(a, torch.Tensor)]
         if meta is None or not all(type(a) in (int, float, bool) for a in numbers):
-            counters["segment_steps"]["calls_uncompiled"] += 1  # never seen: run it as it is
+            counters[self.kind]["calls_uncompiled"] += 1  # never seen: run it as it is
             return self.step
         # a site Dynamo kept symbolic is keyed as the graph it becomes for these arguments
         # (a static graph's step, with those sizes as constants, is the same kernel)
         dynamic = bool(self.varying)
         step = _specialized(self.step, args) if dynamic else self.step
         structure = _intern(graph_structure(step)) if dynamic else self.structure_id
-        key = (structure, torch.is_grad_enabled(), meta, self.inner)
+        key = (structure, torch.is_grad_enabled(), meta, self.inner, self.rewritten)
         fn = _STEPS.get(key)
         if fn is None:
-            compiled = inner_compile(copy_graph_module(step)[0], [args[i] for i in tensors], self.inner)
+            compiled = inner_compile(copy_graph_module(step)[0], [args[i] for i in tensors], self.inner,
+                                     rewritten=self.rewritten)
             fn = _STEPS[key] = lambda *a: compiled(*[a[i] for i in tensors])
-            counters["segment_steps"]["steps_compiled"] += 1
+            counters[self.kind]["steps_compiled"] += 1
         else:
-            counters["segment_steps"]["step_cache_hits"] += 1
+            counters[self.kind]["step_cache_hits"] += 1
         return fn
 
 
@@ -131,16 +136,16 @@ def _specialized(step: fx.GraphModule, args) -> fx.GraphModule:
     return gm
 
 
-def compile_segment_steps(gm: fx.GraphModule, inner: str) -> fx.GraphModule:
-    """A copy of ``gm`` whose segment subgraphs are ``CompiledStep``s."""
+def compile_steps(gm: fx.GraphModule, inner: str, rewritten: bool = False, kind: str = "segment_steps") -> fx.GraphModule:
+    """A copy of ``gm`` (``passes/cut.Steps.gm``) whose step subgraphs are ``CompiledStep``s."""
     out, _ = copy_graph_module(gm)
     for name, step in list(gm.named_children()):
         if isinstance(step, fx.GraphModule) and "structure" in step.meta:
-            setattr(out, name, CompiledStep(step, inner))
+            setattr(out, name, CompiledStep(step, inner, rewritten, kind))
     return out
 
 
-def with_fallback(steps: fx.GraphModule, fallback: Callable[[tuple], Callable]) -> Callable:
+def with_fallback(steps: fx.GraphModule, fallback: Callable[[tuple], Callable], kind: str = "segment_steps") -> Callable:
     """``steps`` run per call; if a call fails (a step did not compile), ``fallback(args)``
     (the graph compiled whole) runs it and every later call. Safe to retry: the cut
     graph writes no graph input (functionalized graphs that would are never cut)."""
@@ -152,8 +157,8 @@ def with_fallback(steps: fx.GraphModule, fallback: Callable[[tuple], Callable]) 
         try:
             return steps(*args)
         except Exception as e:  # noqa: BLE001 - the steps are a compile-time saving, never worth a failed call
-            counters["segment_steps"]["graphs_compiled_whole"] += 1
-            log.warning("diagpass: a segment step failed (%s); compiling the graph whole", first_line(e),
+            counters[kind]["graphs_compiled_whole"] += 1
+            log.warning("diagpass: a %s step failed (%s); compiling the graph whole", kind.split("_")[0], first_line(e),
                         exc_info=log.isEnabledFor(logging.DEBUG))
             whole.append(fallback(args))
             return whole[0](*args)

@@ -1,0 +1,169 @@
+"""cut: a graph split into steps, each step one ``call_module`` of its own subgraph.
+
+The shared half of ``segment_steps`` and ``wavefront_steps``: they decide which
+region every compute node belongs to; this builds the outer graph. Region
+``PROLOGUE`` and ``EPILOGUE`` stay in the outer graph as they are; every other
+region (in increasing order) becomes ``{prefix}_{r}``, a plain ``fx.GraphModule``
+of the values it reads, returning the values read outside it, with
+``meta["structure"]`` (``fx_facts.graph_structure``): equal for steps that
+compute the same function of their inputs.
+
+Before (regions: ``x_1`` in the prologue, the rest in region 1)::
+
+    x_1 = getitem(split(ids), 1)
+    h = layer(x_1, m_0, w);  y = lm_head(h)
+
+After::
+
+    x_1 = getitem(split(ids), 1)
+    x_1c = x_1.clone(memory_format=contiguous)    # a view of an input: its strides follow N
+    step_1 = segment_1(x_1c, m_0, w);  h = step_1[0];  y = step_1[1]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Dict, List, Tuple
+
+import torch
+import torch.fx as fx
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from diagpass.fx_facts import example_value, graph_structure
+
+PROLOGUE, EPILOGUE = -1, 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The outer graph: prologue, one ``call_module`` per step, epilogue."""
+
+    gm: fx.GraphModule
+    num_steps: int
+    num_structures: int
+
+
+class NotCrossable(Exception):
+    """A value that cannot cross a step's cut."""
+
+
+def cut(gm: fx.GraphModule, regions: Dict[int, List[fx.Node]], prefix: str) -> Steps:
+    """``regions``: region -> its nodes in a valid order (each region reads only
+    earlier ones). Raises ``NotCrossable`` for a value that is not a tensor or a number."""
+    out = fx.Graph()
+    env: Dict[fx.Node, fx.Node] = {}
+    root: Dict[str, torch.nn.Module] = {}
+    for n in gm.graph.nodes:
+        if n.op in ("placeholder", "get_attr"):
+            env[n] = out.node_copy(n, env.__getitem__)
+    input_storages = graph_input_storages(gm)
+    views = {n for n in regions.get(PROLOGUE, ()) if views_an_input(n, input_storages) or is_view(n)}
+    dense: Dict[fx.Node, fx.Node] = {}
+    for r in sorted(regions):
+        nodes = regions[r]
+        if r in (PROLOGUE, EPILOGUE):
+            for n in nodes:
+                env[n] = out.node_copy(n, env.__getitem__)
+            continue
+        sub, inputs, outputs = _region(gm, nodes)
+        name = f"{prefix}_{r}"
+        root[name] = sub
+        call = out.call_module(name, tuple(_dense(out, env, dense, i, views) for i in inputs))
+        for j, o in enumerate(outputs):
+            env[o] = out.call_function(operator.getitem, (call, j))
+            env[o].meta.update(o.meta)
+    for n in gm.graph.find_nodes(op="output"):
+        out.node_copy(n, env.__getitem__)
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            root[n.target] = operator.attrgetter(n.target)(gm)
+    out.lint()
+    new = fx.GraphModule(root, out, class_name=type(gm).__name__)
+    new.meta = dict(gm.meta)
+    steps = [m for _, m in new.named_children() if "structure" in m.meta]
+    return Steps(new, len(steps), len({m.meta["structure"] for m in steps}))
+
+
+def topological(gm: fx.GraphModule, order: List[fx.Node]) -> bool:
+    seen = {n for n in gm.graph.nodes if n.op in ("placeholder", "get_attr")}
+    for n in order:
+        if any(a not in seen for a in n.all_input_nodes):
+            return False
+        seen.add(n)
+    return True
+
+
+def graph_input_storages(gm: fx.GraphModule) -> set:
+    return set().union(*(storages(example_value(n)) for n in gm.graph.nodes if n.op in ("placeholder", "get_attr")))
+
+
+def is_view(n: fx.Node) -> bool:
+    """Whether ``n``'s value shares the storage of one of its inputs' values."""
+    mine = storages(example_value(n))
+    return bool(mine) and any(mine <= storages(example_value(a)) for a in n.all_input_nodes)
+
+
+def storages(v) -> set:
+    values = v if isinstance(v, (tuple, list)) else (v,)
+    return {StorageWeakRef(t.untyped_storage()) for t in values if isinstance(t, torch.Tensor)}
+
+
+def views_an_input(n: fx.Node, inputs: set) -> bool:
+    """Whether ``n``'s value (a tensor, or a tuple of them: a split) shares a graph input's storage."""
+    mine = storages(example_value(n))
+    return bool(mine) and mine <= inputs
+
+
+def _dense(out: fx.Graph, env: Dict[fx.Node, fx.Node], dense: Dict[fx.Node, fx.Node], node: fx.Node,
+           views: set) -> fx.Node:
+    """A step's argument; a view of a graph input (a segment's slice) as a contiguous
+    copy, made once: its strides would otherwise follow the input's length, and a
+    step compiled for one segment count would not serve another."""
+    if node not in views or not isinstance(example_value(node), torch.Tensor):
+        return env[node]
+    if node not in dense:
+        dense[node] = out.call_method("clone", (env[node],), {"memory_format": torch.contiguous_format})
+        dense[node].meta.update(node.meta)
+    return dense[node]
+
+
+def _region(gm: fx.GraphModule, nodes: List[fx.Node]) -> Tuple[fx.GraphModule, list, list]:
+    """One region's nodes as a graph of the values it reads; its outputs are
+    the values read outside it."""
+    inside = set(nodes)
+    g = fx.Graph()
+    env: Dict[fx.Node, fx.Node] = {}
+    inputs: List[fx.Node] = []
+
+    def read(a: fx.Node) -> fx.Node:
+        if a not in env:
+            _require_value(a)
+            inputs.append(a)
+            env[a] = g.placeholder(f"in_{len(inputs) - 1}")
+            env[a].meta.update(a.meta)
+        return env[a]
+
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in inside:
+                read(a)
+        env[n] = g.node_copy(n, env.__getitem__)
+    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+    for o in outputs:
+        _require_tensor(o)
+    g.output(tuple(env[o] for o in outputs))
+    sub = fx.GraphModule(gm, g, class_name="Step")
+    sub.meta["structure"] = graph_structure(sub)
+    return sub, inputs, outputs
+
+
+def _require_value(n: fx.Node) -> None:
+    """A tensor, or a number (a size Dynamo kept symbolic: concrete per call)."""
+    if not isinstance(example_value(n), (torch.Tensor, int, float, bool, torch.SymInt, torch.SymFloat)):
+        raise NotCrossable(f"{n.name}: {type(example_value(n)).__name__}")
+
+
+def _require_tensor(n: fx.Node) -> None:
+    if not isinstance(example_value(n), torch.Tensor):
+        raise NotCrossable(f"{n.name}: {type(example_value(n)).__name__}")

@@ -1,0 +1,118 @@
+"""wavefront_steps: the batched graph as one call per wavefront, so that equal wavefronts compile once.
+
+Not a rewrite of the computation: the lowered graph of ``batch`` (emitted in
+schedule order, every node tagged with its wavefront, ``meta[WAVEFRONT]``) cut
+into one subgraph per wavefront. Once S > L the wavefronts from L - 1 to S - 1
+are the steady state: the same group call over the same kinds of inputs, so
+their subgraphs have one structure and the runtime compiles it once
+(``runtime/segment_steps.py``); the ramps add about 2(L - 1) more, whatever S is.
+
+Before (lowered batched graph, L = 2)::
+
+    x_1 = getitem(split(ids), 1);  e_1 = embedding(x_1, E)       # glue, no cell source
+    w_q = stack([q0.weight, q1.weight])                           # weight stack
+    h   = stack([e_1, h_0_0]);  out = diag_t1_g0(h, A, w_q[0:2])  # wavefront 1
+    h_1_0 = out[0][0];  h_0_1 = out[0][1];  y_0 = lm_head(h_0_1)  # and the glue it makes ready
+    out = cat([y_0, y_1])                                         # glue reading several wavefronts
+
+After::
+
+    x_1 = getitem(split(ids), 1);  w_q = stack([..])              # prologue
+    step_1 = wavefront_1(x_1.clone(), h_0_0, A, w_q, E)           # embedding, stack, call, lm_head
+    h_1_0 = step_1[0];  h_0_1 = step_1[1];  y_0 = step_1[2]
+    out = cat([y_0, y_1])                                         # epilogue
+
+Placement: a group's nodes and the glue emitted after it go to its wavefront;
+weight stacks, views of the inputs and glue several wavefronts read to the
+prologue; glue that reads several wavefronts and feeds no group (the closing
+concatenation) to the epilogue; glue that reads no cell to the one wavefront
+that uses it. Refused (None, with the reason) for autocast regions, random ops,
+a module call that holds state or has no structure (a compiled step is shared
+across graphs), an untagged node, or a value crossing a cut that is not a
+tensor or a number.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Set, Tuple
+
+import torch.fx as fx
+
+from diagpass.counters import counters
+from diagpass.fx_facts import is_random, module_structure
+from diagpass.ir.meta import AUTOCAST, WAVEFRONT, WEIGHT_STACK
+from diagpass.passes.cut import (EPILOGUE, PROLOGUE, NotCrossable, Steps, cut, graph_input_storages, is_view,
+                                 topological, views_an_input)
+
+
+def wavefront_steps(gm: fx.GraphModule) -> Tuple[Optional[Steps], str]:
+    """(the cut graph, "") or (None, why not)."""
+    why = _refusal(gm)
+    if why:
+        return None, why
+    place = _placement(gm)
+    order = sorted(place, key=lambda n: place[n])
+    if not topological(gm, order):
+        return None, "a wavefront reads a later one"
+    regions: Dict[int, List[fx.Node]] = {}
+    for n in order:
+        regions.setdefault(place[n][0], []).append(n)
+    try:
+        steps = cut(gm, regions, "wavefront")
+    except NotCrossable as e:
+        return None, f"a value crossing a wavefront's cut is not a tensor or a number ({e})"
+    counters["wavefront_steps"]["graphs"] += 1
+    counters["wavefront_steps"]["steps"] += steps.num_steps
+    return steps, ""
+
+
+def _refusal(gm: fx.GraphModule) -> str:
+    for n in gm.graph.nodes:
+        if n.op in ("placeholder", "get_attr", "output"):
+            continue
+        if AUTOCAST in n.meta:
+            return "autocast regions"
+        if is_random(n):
+            return "random ops (reordered, they would draw other numbers)"
+        if WAVEFRONT not in n.meta:
+            return f"{n.name} was not emitted by the batch pass (no wavefront)"
+        if n.op == "call_module" and module_structure(gm.get_submodule(n.target)) is None:
+            return f"the module call {n.name} holds state or has no structure (a shared step would bake it in)"
+    return ""
+
+
+def _placement(gm: fx.GraphModule) -> Dict[fx.Node, Tuple[int, int]]:
+    """Every compute node's (region, graph index); see the module docstring."""
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
+    index = {n: i for i, n in enumerate(nodes)}
+    group = {n for n in nodes if n.meta[WAVEFRONT][1] == "group" and WEIGHT_STACK not in n.meta}
+    feeds_group: Dict[fx.Node, bool] = {}
+    for n in reversed(nodes):
+        feeds_group[n] = any(u in group or feeds_group.get(u, False) for u in n.users)
+    reads: Dict[fx.Node, Set[int]] = {}  # the wavefronts of the groups a node reads, through glue
+    for n in nodes:
+        own = {n.meta[WAVEFRONT][0]} if n in group else set()
+        reads[n] = own.union(*(reads.get(a, set()) for a in n.all_input_nodes))
+    place: Dict[fx.Node, Tuple[int, int]] = {}
+    free: List[fx.Node] = []  # reads no group: placed by its users below
+    for n in nodes:
+        if WEIGHT_STACK in n.meta:
+            place[n] = (PROLOGUE, index[n])
+        elif n in group:
+            place[n] = (n.meta[WAVEFRONT][0], index[n])
+        elif not reads[n]:
+            free.append(n)
+        elif len(reads[n]) > 1 and not feeds_group[n]:
+            place[n] = (EPILOGUE, index[n])
+        else:
+            place[n] = (max(reads[n]), index[n])
+    inputs = graph_input_storages(gm)
+    for n in reversed(free):
+        users = {place[u][0] if u in place else EPILOGUE for u in n.users}
+        one = len(users) == 1 and not views_an_input(n, inputs)
+        place[n] = (users.pop() if one else PROLOGUE, index[n])
+    for n in free:  # a slice of a mask or position table built once: a view, outside too
+        outer = all(a.op in ("placeholder", "get_attr") or place[a][0] == PROLOGUE for a in n.all_input_nodes)
+        if outer and place[n][0] != PROLOGUE and is_view(n):
+            place[n] = (PROLOGUE, index[n])
+    return place
