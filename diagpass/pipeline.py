@@ -245,35 +245,33 @@ def segment_steps_rewrite(plan: Plan) -> Optional[fx.GraphModule]:
     None without a grid, or when it cannot be cut (then Dynamo's graph runs whole)."""
     if plan.grid is None or plan.cell_graph is None:
         return None
-    try:
-        with _gc_paused():
-            steps, why = segment_steps(plan.grid, plan.cell_graph)
-    except Exception as e:  # noqa: BLE001 - a compile-time saving: never worth a crash
-        log.warning("diagpass: the segment steps were not built (%s); compiling Dynamo's graph",
-                    logs.first_line(e), exc_info=log.isEnabledFor(logging.DEBUG))
-        return None
-    if steps is None:
-        log.info("diagpass: the sequential graph compiles whole, not segment by segment: %s", why)
-        return None
-    plan.report.segment_steps = {"steps": steps.num_steps, "structures": steps.num_structures}
-    return steps.gm
+    steps = _steps(lambda: segment_steps(plan.grid, plan.cell_graph), "the sequential graph", "segment")
+    if steps is not None:
+        plan.report.segment_steps = {"steps": steps.num_steps, "structures": steps.num_structures}
+    return steps.gm if steps is not None else None
 
 
 def wavefront_steps_rewrite(gm: fx.GraphModule, report: GraphReport) -> Optional[fx.GraphModule]:
     """A lowered batched graph (or its stacked variant) cut into one call per wavefront
     (``passes/wavefront_steps.py``); None when it cannot be cut (then it compiles whole)."""
+    steps = _steps(lambda: wavefront_steps(gm), "the batched graph", "wavefront")
+    if steps is not None:
+        report.wavefront_steps = {"steps": steps.num_steps, "structures": steps.num_structures}
+    return steps.gm if steps is not None else None
+
+
+def _steps(build, graph: str, kind: str):
+    """``build()``'s steps; None, logged, when it refuses or fails (``graph`` compiles whole)."""
     try:
         with _gc_paused():
-            steps, why = wavefront_steps(gm)
+            steps, why = build()
     except Exception as e:  # noqa: BLE001 - a compile-time saving: never worth a crash
-        log.warning("diagpass: the wavefront steps were not built (%s); compiling the batched graph whole",
-                    logs.first_line(e), exc_info=log.isEnabledFor(logging.DEBUG))
+        log.warning("diagpass: the %s steps were not built (%s); compiling %s whole", kind, logs.first_line(e), graph,
+                    exc_info=log.isEnabledFor(logging.DEBUG))
         return None
     if steps is None:
-        log.info("diagpass: the batched graph compiles whole, not wavefront by wavefront: %s", why)
-        return None
-    report.wavefront_steps = {"steps": steps.num_steps, "structures": steps.num_structures}
-    return steps.gm
+        log.info("diagpass: %s compiles whole, not %s by %s: %s", graph, kind, kind, why)
+    return steps
 
 
 def sequential_rewrite(plan: Plan) -> Optional[fx.GraphModule]:

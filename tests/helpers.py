@@ -45,3 +45,23 @@ def analyze(gm, options, example_inputs=None):
 
     plan = run(gm, options, example_inputs)
     return (plan.rewrite.gm if plan.rewrite is not None else None), plan.report
+
+
+def assert_same_outputs(gm, other, inputs) -> None:
+    """``other`` (a cut or rewritten copy of ``gm``) returns ``gm``'s outputs bit for bit."""
+    with torch.no_grad():
+        want, got = gm(*inputs), other(*inputs)
+    assert len(want) == len(got)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def steps_armt():
+    """The small ARMT the step tests compile (3 layers, randomised memory)."""
+    from diagpass.models.armt import build_armt, randomize_memory_
+
+    return randomize_memory_(build_armt("llama", num_layers=3, segment_size=8, num_mem_tokens=2, d_mem=8, seed=5))
+
+
+def steps_ids(num_segments: int) -> torch.Tensor:
+    return torch.randint(0, 128, (1, 8 * num_segments), generator=torch.Generator().manual_seed(num_segments))

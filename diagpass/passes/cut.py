@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from diagpass.counters import counters
 from diagpass.fx_facts import example_value, graph_structure
 
 PROLOGUE, EPILOGUE = -1, 1 << 30
@@ -48,9 +49,28 @@ class NotCrossable(Exception):
     """A value that cannot cross a step's cut."""
 
 
-def cut(gm: fx.GraphModule, regions: Dict[int, List[fx.Node]], prefix: str) -> Steps:
-    """``regions``: region -> its nodes in a valid order (each region reads only
-    earlier ones). Raises ``NotCrossable`` for a value that is not a tensor or a number."""
+def cut(gm: fx.GraphModule, place: Dict[fx.Node, tuple], kind: str) -> Tuple[Optional[Steps], str]:
+    """``place``: every compute node -> (region, sort keys...); the steps are named
+    ``{kind}_{r}`` and counted under ``counters[f"{kind}_steps"]``. (the cut graph, "")
+    or (None, why not): the order is not topological, or a value crossing a cut is
+    not a tensor or a number."""
+    order = sorted(place, key=lambda n: place[n])
+    if not topological(gm, order):
+        return None, f"a {kind} reads a later one"
+    regions: Dict[int, List[fx.Node]] = {}
+    for n in order:
+        regions.setdefault(place[n][0], []).append(n)
+    try:
+        steps = _cut_regions(gm, regions, kind)
+    except NotCrossable as e:
+        return None, f"a value crossing a {kind}'s cut is not a tensor or a number ({e})"
+    counters[f"{kind}_steps"]["graphs"] += 1
+    counters[f"{kind}_steps"]["steps"] += steps.num_steps
+    return steps, ""
+
+
+def _cut_regions(gm: fx.GraphModule, regions: Dict[int, List[fx.Node]], prefix: str) -> Steps:
+    """``regions``: region -> its nodes in a valid order (each region reads only earlier ones)."""
     out = fx.Graph()
     env: Dict[fx.Node, fx.Node] = {}
     root: Dict[str, torch.nn.Module] = {}

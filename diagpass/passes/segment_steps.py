@@ -37,13 +37,11 @@ from typing import Dict, List, Optional, Tuple
 
 import torch.fx as fx
 
-from diagpass.counters import counters
 from diagpass.fx_facts import is_random
 from diagpass.ir.cell_graph import CellGraph
 from diagpass.ir.cells import CellGrid
 from diagpass.ir.meta import AUTOCAST
-from diagpass.passes.cut import (EPILOGUE, PROLOGUE, NotCrossable, Steps, cut, graph_input_storages, is_view,
-                                 topological, views_an_input)
+from diagpass.passes.cut import EPILOGUE, PROLOGUE, Steps, cut, graph_input_storages, is_view, views_an_input
 
 
 def segment_steps(grid: CellGrid, cells: CellGraph) -> Tuple[Optional[Steps], str]:
@@ -55,20 +53,7 @@ def segment_steps(grid: CellGrid, cells: CellGraph) -> Tuple[Optional[Steps], st
         return None, "random ops (reordered, they would draw other numbers)"
     if any(n.op == "call_module" for n in gm.graph.nodes):  # its weights would be baked into a shared step
         return None, "a module call in the graph"
-    place = _placement(grid, cells)
-    order = sorted(place, key=lambda n: place[n])
-    if not topological(gm, order):
-        return None, "a cell reads a later segment"
-    regions: Dict[int, List[fx.Node]] = {}
-    for n in order:
-        regions.setdefault(place[n][0], []).append(n)
-    try:
-        steps = cut(gm, regions, "segment")
-    except NotCrossable as e:
-        return None, f"a value crossing a segment's cut is not a tensor or a number ({e})"
-    counters["segment_steps"]["graphs"] += 1
-    counters["segment_steps"]["steps"] += steps.num_steps
-    return steps, ""
+    return cut(gm, _placement(grid, cells), "segment")
 
 
 def _placement(grid: CellGrid, cells: CellGraph) -> Dict[fx.Node, Tuple[int, int, int]]:

@@ -38,11 +38,9 @@ from typing import Dict, List, Optional, Set, Tuple
 
 import torch.fx as fx
 
-from diagpass.counters import counters
 from diagpass.fx_facts import is_random, module_structure
 from diagpass.ir.meta import AUTOCAST, WAVEFRONT, WEIGHT_STACK
-from diagpass.passes.cut import (EPILOGUE, PROLOGUE, NotCrossable, Steps, cut, graph_input_storages, is_view,
-                                 topological, views_an_input)
+from diagpass.passes.cut import EPILOGUE, PROLOGUE, Steps, cut, graph_input_storages, is_view, views_an_input
 
 
 def wavefront_steps(gm: fx.GraphModule) -> Tuple[Optional[Steps], str]:
@@ -50,20 +48,7 @@ def wavefront_steps(gm: fx.GraphModule) -> Tuple[Optional[Steps], str]:
     why = _refusal(gm)
     if why:
         return None, why
-    place = _placement(gm)
-    order = sorted(place, key=lambda n: place[n])
-    if not topological(gm, order):
-        return None, "a wavefront reads a later one"
-    regions: Dict[int, List[fx.Node]] = {}
-    for n in order:
-        regions.setdefault(place[n][0], []).append(n)
-    try:
-        steps = cut(gm, regions, "wavefront")
-    except NotCrossable as e:
-        return None, f"a value crossing a wavefront's cut is not a tensor or a number ({e})"
-    counters["wavefront_steps"]["graphs"] += 1
-    counters["wavefront_steps"]["steps"] += steps.num_steps
-    return steps, ""
+    return cut(gm, _placement(gm), "wavefront")
 
 
 def _refusal(gm: fx.GraphModule) -> str:

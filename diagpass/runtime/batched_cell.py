@@ -25,6 +25,7 @@ The template is cut at every direct node into pieces; pieces run under vmap.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 from typing import List, Optional, Sequence, Tuple
 
@@ -167,7 +168,7 @@ class BatchedCell(torch.nn.Module):
             if p.gm is not None:
                 self.add_module(f"piece{i}", p.gm)
 
-    @property
+    @functools.cached_property
     def structure(self) -> tuple:
         """Equal for calls computing the same function (``fx_facts.module_structure``)."""
         return graph_structure(self.template), self.in_dims, self.group_size

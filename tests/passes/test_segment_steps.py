@@ -13,7 +13,7 @@ from diagpass.models.family import FamilyConfig, build_family_model
 from diagpass.models.official_shapes import build_official_shape
 from diagpass.options import Options
 from diagpass.passes.segment_steps import segment_steps
-from tests.helpers import dynamo_graph
+from tests.helpers import assert_same_outputs, dynamo_graph
 
 
 def _cut(model, x):
@@ -21,14 +21,6 @@ def _cut(model, x):
     plan = pipeline.run(gm, Options(inner="eager"), inputs)
     steps, why = segment_steps(plan.grid, plan.cell_graph)
     return gm, inputs, steps, why
-
-
-def _same_outputs(gm, steps, inputs):
-    with torch.no_grad():
-        want, got = gm(*inputs), steps.gm(*inputs)
-    assert len(want) == len(got)
-    for w, g in zip(want, got):
-        torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 def _armt(L=3):
@@ -53,7 +45,7 @@ def test_armt_cuts_into_one_call_per_segment_with_three_structures():
         assert any("embedding" in str(m.target) for m in steps.gm.get_submodule(n.target).graph.nodes)
     cats = [i for i, n in enumerate(order) if n.target is torch.cat and i > order.index(calls[-1])]
     assert cats
-    _same_outputs(gm, steps, inputs)
+    assert_same_outputs(gm, steps.gm, inputs)
 
 
 @pytest.mark.parametrize("form", [dict(layer_major=True), dict(state_in_attributes=True), dict(stacked_memory=True)])
@@ -67,7 +59,7 @@ def test_family_loop_shapes_cut_the_same(form):
     gm, inputs, steps, why = _cut(model, torch.randint(0, 64, (1, 8 * S)))
     assert why == "", why
     assert steps.num_steps == S and steps.num_structures <= 4
-    _same_outputs(gm, steps, inputs)
+    assert_same_outputs(gm, steps.gm, inputs)
 
 
 @pytest.mark.parametrize("shape", ["horizontal", "attribute_memory"])
@@ -77,7 +69,7 @@ def test_official_armt_shapes_cut_into_at_most_three_structures(shape):
     offsets would make every step differ), passed in as contiguous copies."""
     gm, inputs, steps, why = _cut(build_official_shape(shape), torch.randint(0, 128, (2, 8 * 5)))
     assert why == "" and steps.num_steps == 5 and steps.num_structures <= 3
-    _same_outputs(gm, steps, inputs)
+    assert_same_outputs(gm, steps.gm, inputs)
 
 
 def test_random_ops_never_reach_the_cut():

@@ -14,7 +14,7 @@ from diagpass.models.armt import build_armt, randomize_memory_
 from diagpass.models.family import FamilyConfig, build_family_model
 from diagpass.options import Options
 from diagpass.passes.wavefront_steps import wavefront_steps
-from tests.helpers import dynamo_graph
+from tests.helpers import assert_same_outputs, dynamo_graph
 
 
 def _cut(model, x):
@@ -23,14 +23,6 @@ def _cut(model, x):
     assert plan.rewrite is not None, plan.report.reason
     steps, why = wavefront_steps(plan.rewrite.gm)
     return plan.rewrite.gm, inputs, steps, why
-
-
-def _same_outputs(gm, steps, inputs):
-    with torch.no_grad():
-        want, got = gm(*inputs), steps.gm(*inputs)
-    assert len(want) == len(got)
-    for w, g in zip(want, got):
-        torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 def _armt(L=3):
@@ -53,7 +45,7 @@ def test_armt_steady_wavefronts_share_one_structure(S):
     # the ramps: L wavefronts up (the first segment's cells), L down (the last segment's)
     assert steps.num_structures == 2 * L + 1
     assert len(set(structures[:L] + structures[S - 1:])) == 2 * L
-    _same_outputs(gm, steps, inputs)
+    assert_same_outputs(gm, steps.gm, inputs)
 
 
 def test_distinct_steps_do_not_grow_with_the_segment_count():
@@ -82,7 +74,7 @@ def test_family_models_cut_bit_for_bit(kind):
     gm, inputs, steps, why = _cut(build_family_model(cfg, seed=0).eval(), torch.randint(0, 64, (1, 8 * S)))
     assert why == "", why
     assert steps.num_steps == S + 3 - 1 and steps.num_structures < steps.num_steps
-    _same_outputs(gm, steps, inputs)
+    assert_same_outputs(gm, steps.gm, inputs)
 
 
 def test_an_untagged_node_or_a_stateful_module_call_is_refused():

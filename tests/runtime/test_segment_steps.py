@@ -8,34 +8,18 @@ import torch
 
 import diagpass
 import diagpass.runtime.segment_steps
-from diagpass.models.armt import build_armt, randomize_memory_
 from diagpass.models.family import FamilyConfig, build_family_model
 from diagpass.report import report_count, reports_since
-from diagpass.runtime.segment_steps import clear_step_cache
 from diagpass.testing import assert_equivalent, assert_matches_eager
+from tests.helpers import steps_armt, steps_ids
 
 # nothing batches (no wavefront has that many cells): the sequential graph runs, as steps
 STEPS = {"inner": "aot_eager", "segment_steps": True, "min_group": 10**6}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_steps():
-    clear_step_cache()
-    yield
-    clear_step_cache()
-
-
-def _armt():
-    return randomize_memory_(build_armt("llama", num_layers=3, segment_size=8, num_mem_tokens=2, d_mem=8, seed=5))
-
-
-def _ids(S):
-    return torch.randint(0, 128, (1, 8 * S), generator=torch.Generator().manual_seed(S))
-
-
 def test_inference_compiles_three_steps_for_six_segments_and_matches():
     mark = report_count()
-    assert_equivalent(_armt(), _ids(6), options=STEPS, expect_batched=False)
+    assert_equivalent(steps_armt(), steps_ids(6), options=STEPS, expect_batched=False)
     (report,) = reports_since(mark)
     assert report.segment_steps == {"steps": 6, "structures": 3}
     c = diagpass.counters["segment_steps"]
@@ -44,18 +28,18 @@ def test_inference_compiles_three_steps_for_six_segments_and_matches():
 
 def test_the_option_off_compiles_the_graph_whole():
     mark = report_count()
-    assert_equivalent(_armt(), _ids(4), options={**STEPS, "segment_steps": False}, expect_batched=False)
+    assert_equivalent(steps_armt(), steps_ids(4), options={**STEPS, "segment_steps": False}, expect_batched=False)
     assert diagpass.counters["segment_steps"]["graphs"] == 0
     assert all(r.segment_steps is None for r in reports_since(mark))
 
 
 def test_a_new_segment_count_reuses_the_compiled_steps():
-    model = _armt()
+    model = steps_armt()
     compiled = torch.compile(model, backend="diagonal", options=STEPS)
     with torch.no_grad():
-        assert_matches_eager(model, compiled(_ids(5)), _ids(5))
+        assert_matches_eager(model, compiled(steps_ids(5)), steps_ids(5))
         first = diagpass.counters["segment_steps"]["steps_compiled"]
-        assert_matches_eager(model, compiled(_ids(8)), _ids(8))  # Dynamo recompiles, sizes symbolic
+        assert_matches_eager(model, compiled(steps_ids(8)), steps_ids(8))  # Dynamo recompiles, sizes symbolic
     c = diagpass.counters["segment_steps"]
     # every step hits, the last one too: the size of the input it reads is baked in, and the
     # step it then becomes is the one the static graph compiled
@@ -64,7 +48,7 @@ def test_a_new_segment_count_reuses_the_compiled_steps():
 
 
 def test_gradients_flow_through_every_step():
-    assert_equivalent(_armt(), _ids(5), options=STEPS, grads=True, expect_batched=False)
+    assert_equivalent(steps_armt(), steps_ids(5), options=STEPS, grads=True, expect_batched=False)
     assert diagpass.counters["segment_steps"]["steps_compiled"] == 3
 
 
@@ -88,11 +72,11 @@ def test_a_step_that_does_not_compile_falls_back_to_the_whole_graph(monkeypatch,
         raise RuntimeError("no kernel for you")
 
     monkeypatch.setattr(diagpass.runtime.segment_steps, "inner_compile", broken)
-    model = _armt()
+    model = steps_armt()
     compiled = torch.compile(model, backend="diagonal", options=STEPS)
     with torch.no_grad():
         for _ in range(2):
-            assert_matches_eager(model, compiled(_ids(5)), _ids(5))
+            assert_matches_eager(model, compiled(steps_ids(5)), steps_ids(5))
     assert diagpass.counters["segment_steps"]["graphs_compiled_whole"] == 1
     assert "a segment step failed (RuntimeError: no kernel for you); compiling the graph whole" in caplog.text
 
@@ -115,7 +99,7 @@ def test_a_transformer_xl_cache_under_inductor_matches_eager():
 @pytest.mark.slow  # Inductor compiles; CI runs -m slow too
 def test_inductor_steps_match_eager_in_inference_and_training():
     options = {**STEPS, "inner": "inductor"}
-    assert_equivalent(_armt(), _ids(5), options=options, expect_batched=False)
+    assert_equivalent(steps_armt(), steps_ids(5), options=options, expect_batched=False)
     assert diagpass.counters["segment_steps"]["steps_compiled"] == 3
-    assert_equivalent(_armt(), _ids(5), options=options, grads=True, expect_batched=False)
+    assert_equivalent(steps_armt(), steps_ids(5), options=options, grads=True, expect_batched=False)
     assert diagpass.counters["segment_steps"]["steps_compiled"] == 6  # grad mode is in the key

@@ -8,32 +8,16 @@ import torch
 
 import diagpass
 import diagpass.runtime.segment_steps
-from diagpass.models.armt import build_armt, randomize_memory_
 from diagpass.report import report_count, reports_since
-from diagpass.runtime.segment_steps import clear_step_cache
 from diagpass.testing import assert_equivalent, assert_matches_eager
+from tests.helpers import steps_armt, steps_ids
 
 BATCHED = {"inner": "aot_eager", "cost_model": False, "wavefront_steps": True}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_steps():
-    clear_step_cache()
-    yield
-    clear_step_cache()
-
-
-def _armt():
-    return randomize_memory_(build_armt("llama", num_layers=3, segment_size=8, num_mem_tokens=2, d_mem=8, seed=5))
-
-
-def _ids(S):
-    return torch.randint(0, 128, (1, 8 * S), generator=torch.Generator().manual_seed(S))
-
-
 def test_inference_batches_and_compiles_each_distinct_wavefront_once():
     mark = report_count()
-    assert_equivalent(_armt(), _ids(7), options=BATCHED)  # expect_batched: groups of 2 or more ran
+    assert_equivalent(steps_armt(), steps_ids(7), options=BATCHED)  # expect_batched: groups of 2 or more ran
     (report,) = reports_since(mark)
     assert report.wavefront_steps == {"steps": 9, "structures": 7}  # wavefronts 3..5: one structure
     c = diagpass.counters["wavefront_steps"]
@@ -41,24 +25,24 @@ def test_inference_batches_and_compiles_each_distinct_wavefront_once():
 
 
 def test_gradients_flow_through_every_wavefront():
-    assert_equivalent(_armt(), _ids(6), options=BATCHED, grads=True)
+    assert_equivalent(steps_armt(), steps_ids(6), options=BATCHED, grads=True)
     assert diagpass.counters["wavefront_steps"]["steps_compiled"] == 7
 
 
 def test_the_option_off_compiles_the_batched_graph_whole():
     mark = report_count()
-    assert_equivalent(_armt(), _ids(5), options={**BATCHED, "wavefront_steps": False})
+    assert_equivalent(steps_armt(), steps_ids(5), options={**BATCHED, "wavefront_steps": False})
     assert diagpass.counters["wavefront_steps"]["graphs"] == 0
     assert all(r.wavefront_steps is None for r in reports_since(mark))
 
 
 def test_a_new_segment_count_compiles_only_the_wavefronts_it_has_not_met():
-    model = _armt()
+    model = steps_armt()
     compiled = torch.compile(model, backend="diagonal", options=BATCHED)
     with torch.no_grad():
-        assert_matches_eager(model, compiled(_ids(7)), _ids(7))
+        assert_matches_eager(model, compiled(steps_ids(7)), steps_ids(7))
         first = diagpass.counters["wavefront_steps"]["steps_compiled"]
-        assert_matches_eager(model, compiled(_ids(9)), _ids(9))  # Dynamo recompiles, sizes symbolic
+        assert_matches_eager(model, compiled(steps_ids(9)), steps_ids(9))  # Dynamo recompiles, sizes symbolic
     c = diagpass.counters["wavefront_steps"]
     assert first == 7 and c["steps_compiled"] == first  # every wavefront of S=9 was met at S=7
 
@@ -68,11 +52,11 @@ def test_a_step_that_does_not_compile_falls_back_to_the_whole_graph(monkeypatch,
         raise RuntimeError("no kernel for you")
 
     monkeypatch.setattr(diagpass.runtime.segment_steps, "inner_compile", broken)
-    model = _armt()
+    model = steps_armt()
     compiled = torch.compile(model, backend="diagonal", options=BATCHED)
     with torch.no_grad():
         for _ in range(2):
-            assert_matches_eager(model, compiled(_ids(5)), _ids(5))
+            assert_matches_eager(model, compiled(steps_ids(5)), steps_ids(5))
     assert diagpass.counters["wavefront_steps"]["graphs_compiled_whole"] == 1
     assert "a wavefront step failed (RuntimeError: no kernel for you); compiling the graph whole" in caplog.text
 
@@ -80,7 +64,7 @@ def test_a_step_that_does_not_compile_falls_back_to_the_whole_graph(monkeypatch,
 @pytest.mark.slow  # Inductor compiles; CI runs -m slow too
 def test_inductor_wavefront_steps_match_eager_in_inference_and_training():
     options = {**BATCHED, "inner": "inductor"}
-    assert_equivalent(_armt(), _ids(6), options=options)
+    assert_equivalent(steps_armt(), steps_ids(6), options=options)
     assert diagpass.counters["wavefront_steps"]["steps_compiled"] == 7
-    assert_equivalent(_armt(), _ids(6), options=options, grads=True)
+    assert_equivalent(steps_armt(), steps_ids(6), options=options, grads=True)
     assert diagpass.counters["wavefront_steps"]["steps_compiled"] == 14  # grad mode is in the key
