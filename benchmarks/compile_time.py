@@ -71,11 +71,12 @@ CHILD = textwrap.dedent(
         exact = copy.deepcopy(model).double()(ids).double()
         err, eager_err = float((out.double() - exact).abs().max()), float((model(ids).double() - exact).abs().max())
     from diagpass.counters import counters
+    kernels = lambda: (counters["roll"]["kernels_compiled"] + counters["segment_steps"]["steps_compiled"]
+                       + counters["wavefront_steps"]["steps_compiled"])
     dynamo = rep.timings["entered_at"] - t0
     row = {"S": S, "L": L, "mode": mode, "dynamo_s": dynamo, "backend_s": (t1 - t0) - dynamo - min(times),
            "first_s": t1 - t0, "steady_ms": 1e3 * statistics.median(times), "nodes": rep.num_nodes,
-           "kernels": counters["roll"]["kernels_compiled"] + counters["segment_steps"]["steps_compiled"]
-           + counters["wavefront_steps"]["steps_compiled"], "max_diff": diff,
+           "kernels": kernels(), "max_diff": diff,
            "err_vs_fp64": err, "eager_err_vs_fp64": eager_err}
     if len(sys.argv) > 4:  # a second segment count: what a new input length costs
         S2 = int(sys.argv[4])
@@ -87,7 +88,7 @@ CHILD = textwrap.dedent(
             row["second_diff"] = float((out2 - model(ids2)).abs().max())
         row.update(second_S=S2, second_first_s=b - a,
                    second_backend_s=(b - a) - (rep2.timings["entered_at"] - a) - steady2,
-                   second_kernels=counters["roll"]["kernels_compiled"] + counters["segment_steps"]["steps_compiled"] - row["kernels"])
+                   second_kernels=kernels() - row["kernels"])
     print(json.dumps(row))
     """
 )

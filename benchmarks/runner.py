@@ -14,7 +14,7 @@ import torch
 from .configs import Point
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-ALL_MODES = ["eager", "inductor", "inductor_bl", "diagonal", "diag_stacked", "stacked_inline", "seq_inline", "seq_steps", "diag_cached", "rolled", "rolled_glue", "seq_rolled", "diag_aot",
+ALL_MODES = ["eager", "inductor", "inductor_bl", "diagonal", "diag_stacked", "stacked_inline", "seq_inline", "seq_steps", "diag_wsteps", "stacked_wsteps", "stacked_whole", "diag_cached", "rolled", "rolled_glue", "seq_rolled", "diag_aot",
              "bound", "base_eager", "base_inductor"]
 QUICK_MODES = ["eager", "inductor", "diagonal", "diag_stacked", "base_eager"]
 DEFAULT_MODES = ["eager", "inductor", "inductor_bl", "diagonal", "diag_stacked", "bound", "base_eager",
@@ -80,7 +80,8 @@ def model_key(mode: str) -> str:
     """Which model a mode runs: modes with the same key share one built model."""
     if mode.startswith("base"):
         return "base"
-    return {"diag_stacked": "stacked", "stacked_inline": "stacked", "bound": "bound"}.get(mode, "armt")
+    return {"diag_stacked": "stacked", "stacked_inline": "stacked", "stacked_wsteps": "stacked", "stacked_whole": "stacked",
+            "bound": "bound"}.get(mode, "armt")
 
 
 def build_for_mode(point: Point, mode: str, device: str = "cpu"):
@@ -130,6 +131,10 @@ def make_fn(mode: str, model) -> Callable:
                                                               "shared_sequential": False})
     elif mode == "seq_steps":  # the sequential fallback as one compiled step per segment
         f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "segment_steps": True})
+    elif mode in ("diag_wsteps", "stacked_wsteps"):  # the batched graph as one compiled step per wavefront
+        f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "wavefront_steps": True})
+    elif mode == "stacked_whole":  # diag_stacked with the batched graph compiled whole (shared subgraphs)
+        f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "wavefront_steps": False})
     elif mode == "diag_cached":  # weights stacked once and kept between calls (one more copy of them)
         f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "cache_weight_stacks": True})
     elif mode == "rolled":

@@ -187,10 +187,12 @@ def tensor_meta(value, with_grad: bool = True, skip_leading: bool = False):
 
 
 def graph_structure(gm: fx.GraphModule) -> tuple:
-    """``gm``'s nodes in order, each (op, target, arguments with nodes as indices);
-    placeholders by position, not name. Equal for graphs that compute the same
-    function of their inputs with the same ops (constants included)."""
+    """``gm``'s nodes in order, each (op, target, arguments with nodes as indices,
+    checkpoint tags); placeholders by position, not name. Equal for graphs that
+    compute the same function of their inputs with the same ops (constants
+    included) and recompute the same regions in the backward."""
     index: Dict[fx.Node, int] = {}
+    regions: Dict[object, int] = {}
     out = []
     for i, n in enumerate(gm.graph.nodes):
         index[n] = i
@@ -199,8 +201,18 @@ def graph_structure(gm: fx.GraphModule) -> tuple:
         if n.op == "call_module":  # by what the module computes, not by its name in this graph
             module = gm.get_submodule(n.target)
             target = module_structure(module) or _Identity(module)
-        out.append((n.op, target, _hashable(args)))
+        out.append((n.op, target, _hashable(args), _checkpoint_tags(n, regions)))
     return tuple(out)
+
+
+def _checkpoint_tags(node: fx.Node, regions: Dict[object, int]) -> Optional[tuple]:
+    """What AOTAutograd's partitioner reads to recompute a checkpointed region
+    (``meta["recompute"]``, ``meta["ac_graph_id"]``), region ids numbered in order
+    of appearance: graphs with and without checkpointing are different kernels."""
+    if "recompute" not in node.meta:
+        return None
+    region = node.meta.get("ac_graph_id")
+    return (str(node.meta["recompute"]), regions.setdefault(region, len(regions)))
 
 
 def module_structure(module: torch.nn.Module) -> Optional[tuple]:

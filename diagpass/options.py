@@ -62,8 +62,8 @@ class Options:
                so compile cost follows L, not S, and a new segment count compiles
                only the wavefronts it has not met. Training too (each step has its
                backward). False compiles the batched graph whole
-               (``shared_subgraphs`` decides how). Off by default until its
-               steady-state speed is measured against the whole graph.
+               (``shared_subgraphs`` decides how). Its steady state measured
+               as fast as the whole graph's (README).
     roll:      compile each distinct batched step once (cached across graphs
                and segment counts) and run the schedule as a host loop, glue
                eager; compile cost independent of the number of segments.
@@ -91,7 +91,7 @@ class Options:
     shared_subgraphs: bool = True
     shared_sequential: bool = False
     segment_steps: bool = True
-    wavefront_steps: bool = False
+    wavefront_steps: bool = True
     cost_model: bool = True
     max_memory_ratio: float = 1.1
     measure_band: float = 4.0

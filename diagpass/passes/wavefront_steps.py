@@ -27,9 +27,9 @@ weight stacks, views of the inputs and glue several wavefronts read to the
 prologue; glue that reads several wavefronts and feeds no group (the closing
 concatenation) to the epilogue; glue that reads no cell to the one wavefront
 that uses it. Refused (None, with the reason) for autocast regions, random ops,
-a module call that holds state or has no structure (a compiled step is shared
-across graphs), an untagged node, or a value crossing a cut that is not a
-tensor or a number.
+checkpointed regions, a module call that holds state or has no structure (a
+compiled step is shared across graphs), an untagged node, or a value crossing a
+cut that is not a tensor or a number.
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ def _refusal(gm: fx.GraphModule) -> str:
             return "autocast regions"
         if is_random(n):
             return "random ops (reordered, they would draw other numbers)"
+        if "recompute" in n.meta:  # cut, a checkpointed model saved more for its backward (tests/e2e)
+            return "torch.utils.checkpoint regions (the whole graph's partitioner saves less for the backward)"
         if WAVEFRONT not in n.meta:
             return f"{n.name} was not emitted by the batch pass (no wavefront)"
         if n.op == "call_module" and module_structure(gm.get_submodule(n.target)) is None:
@@ -74,10 +76,14 @@ def _placement(gm: fx.GraphModule) -> Dict[fx.Node, Tuple[int, int]]:
     feeds_group: Dict[fx.Node, bool] = {}
     for n in reversed(nodes):
         feeds_group[n] = any(u in group or feeds_group.get(u, False) for u in n.users)
-    reads: Dict[fx.Node, Set[int]] = {}  # the wavefronts of the groups a node reads, through glue
+    # the wavefronts of the groups a node reads through glue; a group stops the walk (a
+    # segment's logits read its last cell, not every wavefront before it)
+    reads: Dict[fx.Node, Set[int]] = {}
     for n in nodes:
-        own = {n.meta[WAVEFRONT][0]} if n in group else set()
-        reads[n] = own.union(*(reads.get(a, set()) for a in n.all_input_nodes))
+        if n in group:
+            reads[n] = {n.meta[WAVEFRONT][0]}
+        else:
+            reads[n] = set().union(*(reads.get(a, set()) for a in n.all_input_nodes))
     place: Dict[fx.Node, Tuple[int, int]] = {}
     free: List[fx.Node] = []  # reads no group: placed by its users below
     for n in nodes:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from typing import Callable, Dict
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.fx as fx
@@ -41,7 +41,7 @@ from diagpass.runtime.inner import inner_compile
 
 log = logging.getLogger("diagpass")
 
-_STEPS: Dict[tuple, Callable] = {}
+_STEPS: Dict[tuple, Callable] = {}  # key -> the compiled step (its tensor arguments)
 # structure -> small id: a structure is a deep tuple, slow to hash on every call
 _STRUCTURE_IDS: Dict[tuple, int] = {}
 
@@ -83,37 +83,39 @@ class CompiledStep(torch.nn.Module):
     def _kernel(self, args) -> Callable:
         """From the process-wide cache, compiled on a miss."""
         tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-        meta = static_meta([args[i] for i in tensors])
         numbers = [a for a in args if not isinstance(a, torch.Tensor)]
-        if meta is None or not all(type(a) in (int, float, bool) for a in numbers):
+        if static_meta([args[i] for i in tensors]) is None or not all(type(a) in (int, float, bool) for a in numbers):
             counters[self.kind]["calls_uncompiled"] += 1  # never seen: run it as it is
             return self.step
         # a site Dynamo kept symbolic is keyed as the graph it becomes for these arguments
         # (a static graph's step, with those sizes as constants, is the same kernel)
         dynamic = bool(self.varying)
-        step = _specialized(self.step, args) if dynamic else self.step
+        step, tensors = _specialized(self.step, args) if dynamic else (self.step, tensors)
+        meta = static_meta([args[i] for i in tensors])
         structure = _intern(graph_structure(step)) if dynamic else self.structure_id
         key = (structure, torch.is_grad_enabled(), meta, self.inner, self.rewritten)
-        fn = _STEPS.get(key)
-        if fn is None:
-            compiled = inner_compile(copy_graph_module(step)[0], [args[i] for i in tensors], self.inner,
-                                     rewritten=self.rewritten)
-            fn = _STEPS[key] = lambda *a: compiled(*[a[i] for i in tensors])
+        compiled = _STEPS.get(key)
+        if compiled is None:
+            compiled = _STEPS[key] = inner_compile(copy_graph_module(step)[0], [args[i] for i in tensors],
+                                                   self.inner, rewritten=self.rewritten)
             counters[self.kind]["steps_compiled"] += 1
         else:
             counters[self.kind]["step_cache_hits"] += 1
-        return fn
+        # which of this site's arguments the kernel takes is the site's own (a static and a
+        # specialised site of one kernel pass their tensors at different positions)
+        return lambda *a: compiled(*[a[i] for i in tensors])
 
 
 _FOLDABLE = {operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod,
              operator.neg, operator.truediv}
 
 
-def _specialized(step: fx.GraphModule, args) -> fx.GraphModule:
-    """A copy of ``step`` for these concrete arguments: its number inputs (sizes Dynamo
-    kept as symbols) baked in as constants, and the sizes it reads off its tensor inputs
-    and the integer arithmetic on them folded. The static graph of another segment count
-    has those as constants: the two steps are then one kernel."""
+def _specialized(step: fx.GraphModule, args) -> Tuple[fx.GraphModule, List[int]]:
+    """A copy of ``step`` for these concrete arguments, and the indices of the arguments
+    it still takes: its number inputs (sizes Dynamo kept as symbols) baked in as
+    constants, the sizes it reads off its tensor inputs and the integer arithmetic on
+    them folded, and a tensor input read only for its size dropped. The static graph of
+    another segment count has those as constants: the two steps are then one kernel."""
     gm, _ = copy_graph_module(step)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     given = dict(zip(placeholders, args))
@@ -132,8 +134,12 @@ def _specialized(step: fx.GraphModule, args) -> fx.GraphModule:
         for user in list(n.users):
             user.args, user.kwargs = fx.node.map_arg((user.args, user.kwargs), lambda m: known[m] if m is n else m)
         gm.graph.erase_node(n)
+    for ph in placeholders:
+        if ph not in known and not ph.users:
+            gm.graph.erase_node(ph)
     gm.recompile()
-    return gm
+    kept = set(gm.graph.find_nodes(op="placeholder"))
+    return gm, [i for i, ph in enumerate(placeholders) if ph in kept]
 
 
 def compile_steps(gm: fx.GraphModule, inner: str, rewritten: bool = False, kind: str = "segment_steps") -> fx.GraphModule:

@@ -5,6 +5,7 @@ recompute tags, batched in training, gradients exact, and still recomputed
 from __future__ import annotations
 
 import functools
+import logging
 
 import pytest
 import torch
@@ -119,3 +120,12 @@ def test_checkpointed_cells_under_inductor_train_exactly():
         Net(use_checkpoint=True), _x(), options={"inner": "inductor", "cost_model": False},
         grads=True, expect_batched=True,
     )
+
+
+def test_checkpointed_graphs_compile_whole_not_as_wavefront_steps(caplog):
+    """Cut into steps, the checkpointed model saved more for its backward than the whole graph."""
+    torch.manual_seed(0)
+    with caplog.at_level(logging.INFO, logger="diagpass"):
+        _saved_bytes(Net(use_checkpoint=True), _x())
+    assert diagpass.reports()[-1].wavefront_steps is None
+    assert "the batched graph compiles whole, not wavefront by wavefront: torch.utils.checkpoint regions" in caplog.text

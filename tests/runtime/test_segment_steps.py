@@ -45,6 +45,7 @@ def test_a_new_segment_count_reuses_the_compiled_steps():
     # step it then becomes is the one the static graph compiled
     assert first == 3 and c["steps_compiled"] == first
     assert c["step_cache_hits"] == 2 + 8  # 5 sites then 8: 3 compiled, every other one a hit
+    assert c["graphs_compiled_whole"] == 0  # a hit passes the site's own tensors to the kernel
 
 
 def test_gradients_flow_through_every_step():

@@ -45,6 +45,7 @@ def test_a_new_segment_count_compiles_only_the_wavefronts_it_has_not_met():
         assert_matches_eager(model, compiled(steps_ids(9)), steps_ids(9))  # Dynamo recompiles, sizes symbolic
     c = diagpass.counters["wavefront_steps"]
     assert first == 7 and c["steps_compiled"] == first  # every wavefront of S=9 was met at S=7
+    assert c["graphs_compiled_whole"] == 0  # a hit passes the site's own tensors to the kernel
 
 
 def test_a_step_that_does_not_compile_falls_back_to_the_whole_graph(monkeypatch, caplog):
