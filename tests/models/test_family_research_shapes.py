@@ -66,11 +66,24 @@ def test_research_code_shapes_train_exactly():
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["associative", "xl_cache"])
 def test_research_code_shapes_under_inductor_shared_subgraphs(kind):
-    # the default execution (every call a shared subgraph) on in-place ops, &/| masks,
+    # the batched graph compiled whole (every call a shared subgraph) on in-place ops, &/| masks,
     # autocast regions; xl_cache returns views of its inputs (computed outside the subgraph)
     model = build_family_model(_config(kind, **SHAPES["all"]), seed=3).eval()
     ids = torch.randint(0, 32, (2, S * SEG), generator=torch.Generator().manual_seed(0))
     calls = diagpass.counters["subgraphs"]["calls"]
     with torch.no_grad():
-        assert_equivalent(model, ids, options={"cost_model": False}, expect_batched=True)
+        assert_equivalent(model, ids, options={"cost_model": False, "wavefront_steps": False}, expect_batched=True)
     assert diagpass.counters["subgraphs"]["calls"] > calls
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["associative", "xl_cache"])
+def test_research_code_shapes_under_inductor_wavefront_steps(kind):
+    # the default execution of a batched graph: one compiled step per wavefront
+    model = build_family_model(_config(kind, **SHAPES["all"]), seed=3).eval()
+    ids = torch.randint(0, 32, (2, S * SEG), generator=torch.Generator().manual_seed(0))
+    compiled = diagpass.counters["wavefront_steps"]["steps_compiled"]
+    with torch.no_grad():
+        assert_equivalent(model, ids, options={"cost_model": False}, expect_batched=True)
+    assert diagpass.counters["wavefront_steps"]["steps_compiled"] > compiled
+    assert diagpass.counters["wavefront_steps"]["graphs_compiled_whole"] == 0
