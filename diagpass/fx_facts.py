@@ -209,7 +209,7 @@ def _checkpoint_tags(node: fx.Node, regions: Dict[object, int]) -> Optional[tupl
     """What AOTAutograd's partitioner reads to recompute a checkpointed region
     (``meta["recompute"]``, ``meta["ac_graph_id"]``), region ids numbered in order
     of appearance: graphs with and without checkpointing are different kernels."""
-    if "recompute" not in node.meta:
+    if node.meta.get("recompute") is None:
         return None
     region = node.meta.get("ac_graph_id")
     return (str(node.meta["recompute"]), regions.setdefault(region, len(regions)))

@@ -62,8 +62,9 @@ class Options:
                so compile cost follows L, not S, and a new segment count compiles
                only the wavefronts it has not met. Training too (each step has its
                backward). False compiles the batched graph whole
-               (``shared_subgraphs`` decides how). Its steady state measured
-               as fast as the whole graph's (README).
+               (``shared_subgraphs`` decides how): its steady state measured a few
+               percent faster than the steps' on CPU (README), at a compile cost
+               that grows with S.
     roll:      compile each distinct batched step once (cached across graphs
                and segment counts) and run the schedule as a host loop, glue
                eager; compile cost independent of the number of segments.

@@ -59,7 +59,7 @@ def _refusal(gm: fx.GraphModule) -> str:
             return "autocast regions"
         if is_random(n):
             return "random ops (reordered, they would draw other numbers)"
-        if "recompute" in n.meta:  # cut, a checkpointed model saved more for its backward (tests/e2e)
+        if n.meta.get("recompute") is not None:  # cut, a checkpointed model saved more for its backward (tests/e2e)
             return "torch.utils.checkpoint regions (the whole graph's partitioner saves less for the backward)"
         if WAVEFRONT not in n.meta:
             return f"{n.name} was not emitted by the batch pass (no wavefront)"

@@ -63,27 +63,25 @@ def test_research_code_shapes_train_exactly():
     assert diagpass.counters["autocast"]["noop_regions_dropped"] > before
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["associative", "xl_cache"])
-def test_research_code_shapes_under_inductor_shared_subgraphs(kind):
-    # the batched graph compiled whole (every call a shared subgraph) on in-place ops, &/| masks,
-    # autocast regions; xl_cache returns views of its inputs (computed outside the subgraph)
-    model = build_family_model(_config(kind, **SHAPES["all"]), seed=3).eval()
-    ids = torch.randint(0, 32, (2, S * SEG), generator=torch.Generator().manual_seed(0))
-    calls = diagpass.counters["subgraphs"]["calls"]
-    with torch.no_grad():
-        assert_equivalent(model, ids, options={"cost_model": False, "wavefront_steps": False}, expect_batched=True)
-    assert diagpass.counters["subgraphs"]["calls"] > calls
+def _subgraph_calls():
+    return diagpass.counters["subgraphs"]["calls"]
+
+
+def _wavefront_steps():
+    return diagpass.counters["wavefront_steps"]["steps_compiled"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["associative", "xl_cache"])
-def test_research_code_shapes_under_inductor_wavefront_steps(kind):
-    # the default execution of a batched graph: one compiled step per wavefront
+@pytest.mark.parametrize("whole, count", [(True, _subgraph_calls), (False, _wavefront_steps)], ids=["whole", "steps"])
+def test_research_code_shapes_under_inductor(kind, whole, count):
+    # in-place ops, &/| masks, autocast regions under Inductor: the batched graph compiled whole
+    # (every call a shared subgraph; xl_cache returns views of its inputs, computed outside the
+    # subgraph) and the default, one compiled step per wavefront
     model = build_family_model(_config(kind, **SHAPES["all"]), seed=3).eval()
     ids = torch.randint(0, 32, (2, S * SEG), generator=torch.Generator().manual_seed(0))
-    compiled = diagpass.counters["wavefront_steps"]["steps_compiled"]
+    before = count()
     with torch.no_grad():
-        assert_equivalent(model, ids, options={"cost_model": False}, expect_batched=True)
-    assert diagpass.counters["wavefront_steps"]["steps_compiled"] > compiled
-    assert diagpass.counters["wavefront_steps"]["graphs_compiled_whole"] == 0
+        assert_equivalent(model, ids, options={"cost_model": False, "wavefront_steps": not whole}, expect_batched=True)
+    assert count() > before
+    assert diagpass.counters["wavefront_steps"]["graphs_compiled_whole"] == 0  # no step fell back
