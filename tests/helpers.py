@@ -63,5 +63,25 @@ def steps_armt():
     return randomize_memory_(build_armt("llama", num_layers=3, segment_size=8, num_mem_tokens=2, d_mem=8, seed=5))
 
 
+class Autocast(torch.nn.Module):
+    """``model`` run under ``torch.autocast`` inside ``forward`` (research code's form of bf16):
+    Dynamo records the region in the graph; the output stays bf16, so a step that lost the
+    region would show in the dtype, not only in rounding."""
+
+    def __init__(self, model: torch.nn.Module, dtype=torch.bfloat16):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, ids):
+        with torch.autocast("cpu", dtype=self.dtype):
+            return self.model(ids)
+
+
+def autocast_regions(gm) -> List[str]:
+    """The autocast enter/exit calls of ``gm``, in order, by name."""
+    names = ("_enter_autocast", "_exit_autocast")
+    return [n.target.__name__ for n in gm.graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") in names]
+
+
 def steps_ids(num_segments: int) -> torch.Tensor:
     return torch.randint(0, 128, (1, 8 * num_segments), generator=torch.Generator().manual_seed(num_segments))

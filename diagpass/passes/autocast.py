@@ -35,13 +35,14 @@ in eager::
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.fx as fx
 from torch.amp.autocast_mode import _enter_autocast, _exit_autocast
 
 from diagpass.counters import counters
+from diagpass.fx_facts import copy_graph_module
 from diagpass.ir.meta import AUTOCAST
 
 
@@ -131,7 +132,9 @@ def restore_autocast_regions(gm: fx.GraphModule) -> int:
     pairs (outermost region first); return how many runs."""
     runs, current, stack = [], [], None
     for node in gm.graph.nodes:
-        regions = node.meta.get(AUTOCAST) if node.op not in ("placeholder", "output") else None
+        if node.op == "placeholder":  # a step's inputs sit among its nodes: they run under no state
+            continue
+        regions = node.meta.get(AUTOCAST) if node.op != "output" else None
         if regions != stack and current:
             runs.append((stack, current))
             current = []
@@ -152,3 +155,27 @@ def restore_autocast_regions(gm: fx.GraphModule) -> int:
         gm.recompile()
         counters["autocast"]["regions_restored"] += len(runs)
     return len(runs)
+
+
+def without_restored_regions(gm: fx.GraphModule) -> Optional[fx.GraphModule]:
+    """``gm`` again in the lifted form: a copy without the enter/exit pairs
+    ``restore_autocast_regions`` put back (``gm`` itself when it has none), or None
+    when a pair covers a node that does not carry its region in ``meta[AUTOCAST]``
+    (erasing it would lose the region). What cuts a graph into steps works on this
+    form; each step restores its own regions."""
+    regions = _regions(gm)
+    if not regions:
+        return gm
+    gm = copy_graph_module(gm)[0]
+    for enter, exit_, _ in _regions(gm):
+        region, node = _region_args(enter), enter.next
+        if len(enter.users) != 1:
+            return None
+        while node is not exit_:
+            if node.target not in (_enter_autocast, _exit_autocast) and region not in node.meta.get(AUTOCAST, ()):
+                return None
+            node = node.next
+        gm.graph.erase_node(exit_)
+        gm.graph.erase_node(enter)
+    gm.recompile()
+    return gm

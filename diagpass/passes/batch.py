@@ -198,11 +198,13 @@ class _Emitter:
         mode = next((m for m in (getattr(example_value(a), "fake_mode", None) for a in cells[0].inputs) if m), None)
         if mode is None or self.trial_fn is None:
             return None  # nothing to trace with: the pipeline's whole-graph check decides
-        with mode:
+        with mode, contextlib.ExitStack() as regions:
             try:
                 fakes = [self._fake_arg(cells, k, a, d) for k, (a, d) in enumerate(zip(args, dims))]
             except Exception as e:  # noqa: BLE001 - inputs that do not stack: not batched
                 return f"the group's inputs do not stack ({type(e).__name__}: {e})".splitlines()[0]
+            for region in cells[0].nodes[0].meta.get(AUTOCAST, ()):  # the call runs under its cells' regions
+                regions.enter_context(torch.autocast(*region))
             return self.trial_fn(name, module.template, module.in_dims, module.group_size, fakes)
 
     @staticmethod

@@ -6,7 +6,11 @@ region every compute node belongs to; this builds the outer graph. Region
 region (in increasing order) becomes ``{prefix}_{r}``, a plain ``fx.GraphModule``
 of the values it reads, returning the values read outside it, with
 ``meta["structure"]`` (``fx_facts.graph_structure``): equal for steps that
-compute the same function of their inputs.
+compute the same function of their inputs. Autocast regions travel as node
+metadata (``passes/autocast.py``): each step, and the outer graph, gets its
+enter/exit pairs back around its own runs of nodes, so a region the cut splits
+is entered again in every step it spans and every op runs under the autocast
+state it ran under in eager.
 
 Before (regions: ``x_1`` in the prologue, the rest in region 1)::
 
@@ -32,6 +36,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from diagpass.counters import counters
 from diagpass.fx_facts import example_value, graph_structure
+from diagpass.ir.meta import AUTOCAST
+from diagpass.passes.autocast import restore_autocast_regions
 
 PROLOGUE, EPILOGUE = -1, 1 << 30
 
@@ -93,6 +99,7 @@ def _cut_regions(gm: fx.GraphModule, regions: Dict[int, List[fx.Node]], prefix: 
         for j, o in enumerate(outputs):
             env[o] = out.call_function(operator.getitem, (call, j))
             env[o].meta.update(o.meta)
+            env[o].meta.pop(AUTOCAST, None)  # unpacking a step's outputs is not an op autocast affects
     for n in gm.graph.find_nodes(op="output"):
         out.node_copy(n, env.__getitem__)
     for n in gm.graph.nodes:
@@ -101,6 +108,7 @@ def _cut_regions(gm: fx.GraphModule, regions: Dict[int, List[fx.Node]], prefix: 
     out.lint()
     new = fx.GraphModule(root, out, class_name=type(gm).__name__)
     new.meta = dict(gm.meta)
+    restore_autocast_regions(new)  # the prologue's and epilogue's nodes (each step restores its own)
     steps = [m for _, m in new.named_children() if "structure" in m.meta]
     return Steps(new, len(steps), len({m.meta["structure"] for m in steps}))
 
@@ -145,6 +153,7 @@ def _dense(out: fx.Graph, env: Dict[fx.Node, fx.Node], dense: Dict[fx.Node, fx.N
     if node not in dense:
         dense[node] = out.call_method("clone", (env[node],), {"memory_format": torch.contiguous_format})
         dense[node].meta.update(node.meta)
+        dense[node].meta.pop(AUTOCAST, None)  # a copy: autocast does not affect it
     return dense[node]
 
 
@@ -174,6 +183,7 @@ def _region(gm: fx.GraphModule, nodes: List[fx.Node]) -> Tuple[fx.GraphModule, l
         _require_tensor(o)
     g.output(tuple(env[o] for o in outputs))
     sub = fx.GraphModule(gm, g, class_name="Step")
+    restore_autocast_regions(sub)  # a region the cut splits is entered again in every step it spans
     sub.meta["structure"] = graph_structure(sub)
     return sub, inputs, outputs
 

@@ -27,8 +27,9 @@ The prologue and epilogue (views of the input, glue several steps read, the
 final concatenation) run as they are; each segment's subgraph is a plain ``fx.GraphModule`` whose
 ``meta["structure"]`` is equal for subgraphs that compute the same function.
 Refused (None, with the reason) when the order is not valid, a value crossing a
-cut is not a tensor, or the graph has autocast regions, random ops or module calls
-(a compiled step is shared across graphs: a module's own weights would be baked in).
+cut is not a tensor, or the graph has random ops or module calls (a compiled step
+is shared across graphs: a module's own weights would be baked in). Autocast regions
+are node metadata here; the cut gives each step its own (``passes/cut.py``).
 """
 
 from __future__ import annotations
@@ -40,15 +41,12 @@ import torch.fx as fx
 from diagpass.fx_facts import is_random
 from diagpass.ir.cell_graph import CellGraph
 from diagpass.ir.cells import CellGrid
-from diagpass.ir.meta import AUTOCAST
 from diagpass.passes.cut import EPILOGUE, PROLOGUE, Steps, cut, graph_input_storages, is_view, views_an_input
 
 
 def segment_steps(grid: CellGrid, cells: CellGraph) -> Tuple[Optional[Steps], str]:
     """(the cut graph, "") or (None, why not)."""
     gm = grid.gm
-    if any(AUTOCAST in n.meta for n in gm.graph.nodes):
-        return None, "autocast regions"
     if any(is_random(n) for n in gm.graph.nodes):
         return None, "random ops (reordered, they would draw other numbers)"
     if any(n.op == "call_module" for n in gm.graph.nodes):  # its weights would be baked into a shared step

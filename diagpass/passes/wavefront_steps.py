@@ -26,7 +26,9 @@ Placement: a group's nodes and the glue emitted after it go to its wavefront;
 weight stacks, views of the inputs and glue several wavefronts read to the
 prologue; glue that reads several wavefronts and feeds no group (the closing
 concatenation) to the epilogue; glue that reads no cell to the one wavefront
-that uses it. Refused (None, with the reason) for autocast regions, random ops,
+that uses it. Autocast regions: the restored enter/exit pairs are erased again
+(the regions are on the nodes' metadata) and each step restores its own. Refused
+(None, with the reason) for random ops,
 checkpointed regions, a module call that holds state or has no structure (a
 compiled step is shared across graphs), an untagged node, or a value crossing a
 cut that is not a tensor or a number.
@@ -39,12 +41,16 @@ from typing import Dict, List, Optional, Set, Tuple
 import torch.fx as fx
 
 from diagpass.fx_facts import is_random, module_structure
-from diagpass.ir.meta import AUTOCAST, WAVEFRONT, WEIGHT_STACK
+from diagpass.ir.meta import WAVEFRONT, WEIGHT_STACK
+from diagpass.passes.autocast import without_restored_regions
 from diagpass.passes.cut import EPILOGUE, PROLOGUE, Steps, cut, graph_input_storages, is_view, views_an_input
 
 
 def wavefront_steps(gm: fx.GraphModule) -> Tuple[Optional[Steps], str]:
     """(the cut graph, "") or (None, why not)."""
+    gm = without_restored_regions(gm)  # the regions live on in the metadata; each step restores its own
+    if gm is None:
+        return None, "an autocast region covers a node that does not record it"
     why = _refusal(gm)
     if why:
         return None, why
@@ -55,8 +61,6 @@ def _refusal(gm: fx.GraphModule) -> str:
     for n in gm.graph.nodes:
         if n.op in ("placeholder", "get_attr", "output"):
             continue
-        if AUTOCAST in n.meta:
-            return "autocast regions"
         if is_random(n):
             return "random ops (reordered, they would draw other numbers)"
         if n.meta.get("recompute") is not None:  # cut, a checkpointed model saved more for its backward (tests/e2e)

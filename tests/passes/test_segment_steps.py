@@ -13,7 +13,7 @@ from diagpass.models.family import FamilyConfig, build_family_model
 from diagpass.models.official_shapes import build_official_shape
 from diagpass.options import Options
 from diagpass.passes.segment_steps import segment_steps
-from tests.helpers import assert_same_outputs, dynamo_graph
+from tests.helpers import Autocast, assert_same_outputs, autocast_regions, dynamo_graph
 
 
 def _cut(model, x):
@@ -90,3 +90,20 @@ def test_outputs_of_a_step_are_read_only_through_getitem():
     for n in steps.gm.graph.nodes:
         if n.op == "call_module":
             assert n.users and all(u.target is operator.getitem for u in n.users)
+
+
+def test_an_autocast_region_around_the_loop_is_entered_again_in_every_step():
+    """``torch.autocast`` around the whole segment loop: every step enters the region
+    around all of its ops, so each op runs under the state it ran under in eager; the
+    outputs (bf16) equal Dynamo's graph bit for bit, and the middle steps still share one
+    structure."""
+    S = 5
+    gm, inputs, steps, why = _cut(Autocast(_armt()), torch.randint(0, 128, (1, 8 * S)))
+    assert why == "" and steps.num_steps == S and steps.num_structures == 3
+    for n in steps.gm.graph.nodes:
+        if n.op == "call_module":
+            ops = [m for m in steps.gm.get_submodule(n.target).graph.nodes if m.op == "call_function"]
+            assert autocast_regions(steps.gm.get_submodule(n.target)) == ["_enter_autocast", "_exit_autocast"]
+            assert ops[0].target.__name__ == "_enter_autocast" and ops[-1].target.__name__ == "_exit_autocast"
+    assert gm(*inputs)[0].dtype == torch.bfloat16
+    assert_same_outputs(gm, steps.gm, inputs)

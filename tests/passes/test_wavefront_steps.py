@@ -14,7 +14,7 @@ from diagpass.models.armt import build_armt, randomize_memory_
 from diagpass.models.family import FamilyConfig, build_family_model
 from diagpass.options import Options
 from diagpass.passes.wavefront_steps import wavefront_steps
-from tests.helpers import assert_same_outputs, dynamo_graph
+from tests.helpers import Autocast, assert_same_outputs, autocast_regions, dynamo_graph
 
 
 def _cut(model, x):
@@ -84,3 +84,18 @@ def test_an_untagged_node_or_a_stateful_module_call_is_refused():
     steps, why = wavefront_steps(gm)
     assert steps is None and "was not emitted by the batch pass" in why
     assert module_structure(torch.nn.Linear(2, 2)) is None  # holds parameters: never shared
+
+
+def test_autocast_regions_are_cut_with_the_wavefronts():
+    """The batched graph under ``torch.autocast``: the pairs the rewrite restored are
+    erased again and every step enters the region around its own ops; bit for bit, and
+    the steady wavefronts still one structure."""
+    S, L = 6, 3
+    gm, inputs, steps, why = _cut(Autocast(_armt(L)), torch.randint(0, 128, (1, 8 * S)))
+    assert why == "" and steps.num_steps == S + L - 1 and steps.num_structures == 2 * L + 1
+    for n in steps.gm.graph.nodes:
+        if n.op == "call_module":
+            sub = steps.gm.get_submodule(n.target)
+            assert autocast_regions(sub)[:1] == ["_enter_autocast"] and autocast_regions(sub)[-1:] == ["_exit_autocast"]
+    assert gm(*inputs)[0].dtype == torch.bfloat16
+    assert_same_outputs(gm, steps.gm, inputs)

@@ -11,7 +11,7 @@ import diagpass.runtime.segment_steps
 from diagpass.models.family import FamilyConfig, build_family_model
 from diagpass.report import report_count, reports_since
 from diagpass.testing import assert_equivalent, assert_matches_eager
-from tests.helpers import steps_armt, steps_ids
+from tests.helpers import Autocast, steps_armt, steps_ids
 
 # nothing batches (no wavefront has that many cells): the sequential graph runs, as steps
 STEPS = {"inner": "aot_eager", "segment_steps": True, "min_group": 10**6}
@@ -95,6 +95,19 @@ def test_a_transformer_xl_cache_under_inductor_matches_eager():
             assert_matches_eager(model, compiled(ids), ids)
     assert diagpass.counters["segment_steps"]["graphs"] == 1
     assert diagpass.counters["segment_steps"]["steps_compiled"] >= 2
+
+
+
+def test_a_model_under_autocast_runs_as_steps_and_matches_eager():
+    """bf16 autocast inside forward: the steps (each entering the region) compile three
+    structures, outputs stay bf16 and equal eager's, gradients too."""
+    mark = report_count()
+    assert_equivalent(Autocast(steps_armt()), steps_ids(5), options=STEPS, expect_batched=False, rtol=1e-2, atol=1e-2)
+    (report,) = reports_since(mark)
+    assert report.segment_steps == {"steps": 5, "structures": 3}
+    assert_equivalent(Autocast(steps_armt()), steps_ids(5), options=STEPS, expect_batched=False, grads=True,
+                      rtol=2e-2, atol=2e-2)
+    assert diagpass.counters["segment_steps"]["graphs_compiled_whole"] == 0
 
 
 @pytest.mark.slow  # Inductor compiles; CI runs -m slow too

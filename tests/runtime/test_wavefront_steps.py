@@ -10,7 +10,7 @@ import diagpass
 import diagpass.runtime.segment_steps
 from diagpass.report import report_count, reports_since
 from diagpass.testing import assert_equivalent, assert_matches_eager
-from tests.helpers import steps_armt, steps_ids
+from tests.helpers import Autocast, steps_armt, steps_ids
 
 BATCHED = {"inner": "aot_eager", "cost_model": False, "wavefront_steps": True}
 
@@ -60,6 +60,18 @@ def test_a_step_that_does_not_compile_falls_back_to_the_whole_graph(monkeypatch,
             assert_matches_eager(model, compiled(steps_ids(5)), steps_ids(5))
     assert diagpass.counters["wavefront_steps"]["graphs_compiled_whole"] == 1
     assert "a wavefront step failed (RuntimeError: no kernel for you); compiling the graph whole" in caplog.text
+
+
+
+def test_a_model_under_autocast_batches_as_wavefront_steps_and_matches_eager():
+    """bf16 autocast inside forward: the groups' trial traces run under the region (they
+    failed on mixed dtypes before), the batched graph runs as wavefront steps, outputs
+    stay bf16."""
+    mark = report_count()
+    assert_equivalent(Autocast(steps_armt()), steps_ids(6), options=BATCHED, expect_batched=True, rtol=2e-2, atol=2e-2)
+    (report,) = reports_since(mark)
+    assert report.wavefront_steps == {"steps": 8, "structures": 7}
+    assert diagpass.counters["wavefront_steps"]["graphs_compiled_whole"] == 0
 
 
 @pytest.mark.slow  # Inductor compiles; CI runs -m slow too
