@@ -85,3 +85,18 @@ def autocast_regions(gm) -> List[str]:
 
 def steps_ids(num_segments: int) -> torch.Tensor:
     return torch.randint(0, 128, (1, 8 * num_segments), generator=torch.Generator().manual_seed(num_segments))
+
+
+def research_shape(form: str):
+    """A 3-layer model in one of research code's loop shapes: "family" (the associative
+    family model, segment-major), "layer_major" (each layer loops over the segments) or
+    "official_horizontal" (the current official armt.py shape)."""
+    from diagpass.models.family import FamilyConfig, build_family_model
+    from diagpass.models.official_shapes import build_official_shape
+
+    if form == "official_horizontal":
+        return build_official_shape("horizontal")
+    cfg = FamilyConfig(vocab_size=128, d_model=32, n_layers=3, n_heads=2, d_ff=64, segment_size=8,
+                       num_mem_tokens=2, memory_kind="associative", layer_major=form == "layer_major")
+    return build_family_model(cfg, seed=0).eval()
+

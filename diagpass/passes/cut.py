@@ -132,6 +132,19 @@ def is_view(n: fx.Node) -> bool:
     return bool(mine) and any(mine <= storages(example_value(a)) for a in n.all_input_nodes)
 
 
+def is_number(n: fx.Node) -> bool:
+    """Whether ``n``'s value is a number or a tuple of them (a size Dynamo kept symbolic,
+    its arithmetic, ``x.size()``): no tensor in it."""
+    v = example_value(n)
+    values = v if isinstance(v, (tuple, list)) else (v,)
+    return v is not None and all(isinstance(x, (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
+                                 for x in values)
+
+
+def reads_only_prologue(n: fx.Node, place: Dict[fx.Node, tuple]) -> bool:
+    return all(a.op in ("placeholder", "get_attr") or place[a][0] == PROLOGUE for a in n.all_input_nodes)
+
+
 def storages(v) -> set:
     values = v if isinstance(v, (tuple, list)) else (v,)
     return {StorageWeakRef(t.untyped_storage()) for t in values if isinstance(t, torch.Tensor)}

@@ -53,6 +53,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from diagpass.counters import counters
 from diagpass.fx_facts import example_value
@@ -106,6 +107,31 @@ def _static_sizes(values: Sequence[torch.Tensor], dim: int) -> Optional[List[int
     return sizes if all(isinstance(s, int) for s in sizes) else None
 
 
+def _known_equal(a, b) -> bool:
+    """``a == b`` for every value of the sizes Dynamo kept symbolic (decided without a guard)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return statically_known_true(a == b)
+
+
+def _same_shape(a: Sequence, b: Sequence) -> bool:
+    return len(a) == len(b) and all(_known_equal(x, y) for x, y in zip(a, b))
+
+
+def _symbolic_range(start, stop, sizes: Sequence) -> Optional[Tuple]:
+    """[start, stop) of a slice of pieces some of whose sizes are symbolic (a dynamic
+    graph's last segment): bounds that are ints >= 0, None, or nodes of sizes
+    (``slice(70, s70 + 16)``); a negative bound needs the length, so None."""
+    def bound(x):
+        x = example_value(x) if isinstance(x, fx.Node) else x
+        return x if x is None or isinstance(x, (int, torch.SymInt)) else False
+
+    lo, hi = bound(start), bound(stop)
+    if lo is False or hi is False or any(isinstance(x, int) and x < 0 for x in (lo, hi)):
+        return None
+    return (0 if lo is None else lo), (sum(sizes) if hi is None else hi)
+
+
 def _parts(node: fx.Node) -> Optional[Tuple[List[fx.Node], int, List[torch.Tensor]]]:
     """(pieces, normalised dim, their example values) of a cat/stack node."""
     pieces = _arg(node, 0, "tensors")
@@ -144,10 +170,10 @@ def _range(start, stop, length: int) -> Optional[Tuple[int, int]]:
     return max(0, min(start, length)), max(0, min(stop, length))
 
 
-def _piece_for_range(sizes: List[int], lo: int, hi: int) -> Optional[int]:
+def _piece_for_range(sizes: Sequence, lo, hi) -> Optional[int]:
     offset = 0
     for k, size in enumerate(sizes):
-        if (offset, offset + size) == (lo, hi):
+        if _known_equal(offset, lo) and _known_equal(offset + size, hi):
             return k
         offset += size
     return None
@@ -174,9 +200,13 @@ def _concat_read(read: fx.Node) -> Optional[Tuple[fx.Node, fx.Node]]:
         pieces, cdim, values = _parts(source)
         sizes = _static_sizes(values, cdim)
         entry = _index_at(index, cdim)
-        if sizes is None or not isinstance(entry, slice) or entry.step not in (None, 1):
+        if not isinstance(entry, slice) or entry.step not in (None, 1):
             return None
-        span = _range(entry.start, entry.stop, sum(sizes))
+        if sizes is None:  # a piece Dynamo kept symbolic
+            sizes = [v.shape[cdim] for v in values]
+            span = _symbolic_range(entry.start, entry.stop, sizes)
+        else:
+            span = _range(entry.start, entry.stop, sum(sizes))
         k = _piece_for_range(sizes, *span) if span else None
         return (source, pieces[k]) if k is not None else None
     if _is(source, "split") and isinstance(index, int):
@@ -233,9 +263,9 @@ def _stack_read(read: fx.Node) -> Optional[Tuple[fx.Node, fx.Node]]:
 
 def _safe(read: fx.Node, container: fx.Node, piece: fx.Node) -> bool:
     rv, pv = _tensor(read), _tensor(piece)
-    if rv is None or pv is None or tuple(rv.shape) != tuple(pv.shape) or rv.dtype != pv.dtype:
+    if rv is None or pv is None or not _same_shape(rv.shape, pv.shape) or rv.dtype != pv.dtype:
         return False
-    if rv.stride() != pv.stride() and not pv.is_contiguous():
+    if not _same_shape(rv.stride(), pv.stride()) and not statically_known_true(pv.is_contiguous()):
         return False
     if any(u.op == "output" for u in read.users):
         return False

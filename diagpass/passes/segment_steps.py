@@ -41,7 +41,8 @@ import torch.fx as fx
 from diagpass.fx_facts import is_random
 from diagpass.ir.cell_graph import CellGraph
 from diagpass.ir.cells import CellGrid
-from diagpass.passes.cut import EPILOGUE, PROLOGUE, Steps, cut, graph_input_storages, is_view, views_an_input
+from diagpass.passes.cut import (EPILOGUE, PROLOGUE, Steps, cut, graph_input_storages, is_number, is_view,
+                                 reads_only_prologue, views_an_input)
 
 
 def segment_steps(grid: CellGrid, cells: CellGraph) -> Tuple[Optional[Steps], str]:
@@ -92,8 +93,7 @@ def _placement(grid: CellGrid, cells: CellGraph) -> Dict[fx.Node, Tuple[int, int
             place[n] = (r, 0 if r in (PROLOGUE, EPILOGUE) else 2 * r * L, index[n])
         else:
             place[n] = (PROLOGUE, 0, index[n])
-    for n in free:  # a slice of a mask or position table built once: a view, outside too
-        outer = all(a.op in ("placeholder", "get_attr") or place[a][0] == PROLOGUE for a in n.all_input_nodes)
-        if outer and place[n][0] != PROLOGUE and is_view(n):
+    for n in free:  # a slice of a mask or position table built once, and the numbers bounding it: outside too
+        if reads_only_prologue(n, place) and place[n][0] != PROLOGUE and (is_view(n) or is_number(n)):
             place[n] = (PROLOGUE, 0, index[n])
     return place

@@ -43,7 +43,8 @@ import torch.fx as fx
 from diagpass.fx_facts import is_random, module_structure
 from diagpass.ir.meta import WAVEFRONT, WEIGHT_STACK
 from diagpass.passes.autocast import without_restored_regions
-from diagpass.passes.cut import EPILOGUE, PROLOGUE, Steps, cut, graph_input_storages, is_view, views_an_input
+from diagpass.passes.cut import (EPILOGUE, PROLOGUE, Steps, cut, graph_input_storages, is_number, is_view,
+                                 reads_only_prologue, views_an_input)
 
 
 def wavefront_steps(gm: fx.GraphModule) -> Tuple[Optional[Steps], str]:
@@ -76,7 +77,9 @@ def _placement(gm: fx.GraphModule) -> Dict[fx.Node, Tuple[int, int]]:
     """Every compute node's (region, graph index); see the module docstring."""
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
     index = {n: i for i, n in enumerate(nodes)}
-    group = {n for n in nodes if n.meta[WAVEFRONT][1] == "group" and WEIGHT_STACK not in n.meta}
+    # a number (a size, its arithmetic) is never part of a group: the batch pass emits one
+    # when a group first reads it, tagged with that group's wavefront; it is glue
+    group = {n for n in nodes if n.meta[WAVEFRONT][1] == "group" and WEIGHT_STACK not in n.meta and not is_number(n)}
     feeds_group: Dict[fx.Node, bool] = {}
     for n in reversed(nodes):
         feeds_group[n] = any(u in group or feeds_group.get(u, False) for u in n.users)
@@ -106,8 +109,8 @@ def _placement(gm: fx.GraphModule) -> Dict[fx.Node, Tuple[int, int]]:
         users = {place[u][0] if u in place else EPILOGUE for u in n.users}
         one = len(users) == 1 and not views_an_input(n, inputs)
         place[n] = (users.pop() if one else PROLOGUE, index[n])
-    for n in free:  # a slice of a mask or position table built once: a view, outside too
-        outer = all(a.op in ("placeholder", "get_attr") or place[a][0] == PROLOGUE for a in n.all_input_nodes)
-        if outer and place[n][0] != PROLOGUE and is_view(n):
+    for n in free:  # a slice of a mask or position table built once, and the numbers bounding it: outside too
+        if reads_only_prologue(n, place) and place[n][0] != PROLOGUE and (is_view(n) or is_number(n)):
             place[n] = (PROLOGUE, index[n])
     return place
+

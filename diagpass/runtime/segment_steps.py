@@ -106,8 +106,9 @@ class CompiledStep(torch.nn.Module):
         return lambda *a: compiled(*[a[i] for i in tensors])
 
 
+# integer arithmetic on sizes, as Dynamo writes it (``sym_sum([-56, s70])`` for a slice end)
 _FOLDABLE = {operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod,
-             operator.neg, operator.truediv}
+             operator.neg, operator.truediv, torch.sym_sum, torch.sym_max, torch.sym_min, torch.sym_int}
 
 
 def _specialized(step: fx.GraphModule, args) -> Tuple[fx.GraphModule, List[int]]:

@@ -188,3 +188,43 @@ def test_no_cat_no_rewrite_and_graph_untouched():
     gm = capture(_Fn(f), torch.randn(2, 4))
     before = str(gm.graph)
     assert simplify_concat_slices(gm) == 0 and str(gm.graph) == before
+
+
+def test_a_dynamic_graphs_symbolic_last_piece_is_seen_through_too():
+    """A second segment count: Dynamo recompiles with the length symbolic, so the last
+    segment's piece has a symbolic size and its read a symbolic end (``x[:, 70:s + 16]``).
+    Offsets before it are known and the end equals the cat's length for every value of
+    ``s``: every read of a layer's cat becomes its piece, the last one too (left as a
+    read of the whole cat, each segment would depend on every other)."""
+    from diagpass.models.family import FamilyConfig, build_family_model
+
+    cfg = FamilyConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=2, d_ff=64, segment_size=8,
+                       num_mem_tokens=2, memory_kind="associative", layer_major=True)
+    model = build_family_model(cfg, seed=0).eval()
+    graphs = []
+
+    def grab(gm, example_inputs):
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=grab)
+    with torch.no_grad():
+        for S in (5, 8):
+            compiled(torch.randint(0, 64, (1, 8 * S)))
+    torch._dynamo.reset()
+    gm, inputs = graphs[-1]
+    assert any(isinstance(a, torch.SymInt) for a in inputs)  # the length is a symbolic input
+    inputs = [a.node.hint if isinstance(a, torch.SymInt) else a for a in inputs]  # this call's value
+    ids = next(a for a in inputs if isinstance(a, torch.Tensor) and a.dtype == torch.long)
+    with torch.no_grad():
+        want = gm(*inputs)
+    def cat_reads():
+        return [u for n in gm.graph.nodes if n.target is torch.cat for u in n.users if u.target is operator.getitem]
+
+    reads = len(cat_reads())
+    assert reads >= 2 * 8  # layers 1 and 2 read each of the 8 pieces of the layer before
+    assert simplify_concat_slices(gm) == reads and not cat_reads()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*inputs), want, rtol=0, atol=0)
+        torch.testing.assert_close(gm(*inputs)[0], model(ids), rtol=1e-6, atol=1e-6)

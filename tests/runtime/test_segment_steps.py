@@ -11,7 +11,7 @@ import diagpass.runtime.segment_steps
 from diagpass.models.family import FamilyConfig, build_family_model
 from diagpass.report import report_count, reports_since
 from diagpass.testing import assert_equivalent, assert_matches_eager
-from tests.helpers import Autocast, steps_armt, steps_ids
+from tests.helpers import Autocast, research_shape, steps_armt, steps_ids
 
 # nothing batches (no wavefront has that many cells): the sequential graph runs, as steps
 STEPS = {"inner": "aot_eager", "segment_steps": True, "min_group": 10**6}
@@ -108,6 +108,26 @@ def test_a_model_under_autocast_runs_as_steps_and_matches_eager():
     assert_equivalent(Autocast(steps_armt()), steps_ids(5), options=STEPS, expect_batched=False, grads=True,
                       rtol=2e-2, atol=2e-2)
     assert diagpass.counters["segment_steps"]["graphs_compiled_whole"] == 0
+
+
+
+@pytest.mark.parametrize("form", ["layer_major", "official_horizontal"])
+def test_a_second_segment_count_of_layer_major_loops_compiles_no_new_step(form):
+    """Layer-major loops cat each layer's segments and slice them again. In the second
+    count's dynamic graph the last piece is symbolic; seen through all the same, no
+    segment reads a later one, so the graph is cut and every step is a hit."""
+    model = research_shape(form)
+    compiled = torch.compile(model, backend="diagonal", options=STEPS)
+    mark = report_count()
+    with torch.no_grad():
+        for S in (5, 8):
+            ids = torch.randint(0, 128, (1, 8 * S), generator=torch.Generator().manual_seed(S))
+            assert_matches_eager(model, compiled(ids), ids)
+            if S == 5:
+                first = diagpass.counters["segment_steps"]["steps_compiled"]
+    assert [r.segment_steps["steps"] for r in reports_since(mark)] == [5, 8]
+    c = diagpass.counters["segment_steps"]
+    assert first == 3 and c["steps_compiled"] == first and c["graphs_compiled_whole"] == 0
 
 
 @pytest.mark.slow  # Inductor compiles; CI runs -m slow too

@@ -10,7 +10,7 @@ import diagpass
 import diagpass.runtime.segment_steps
 from diagpass.report import report_count, reports_since
 from diagpass.testing import assert_equivalent, assert_matches_eager
-from tests.helpers import Autocast, steps_armt, steps_ids
+from tests.helpers import Autocast, research_shape, steps_armt, steps_ids
 
 BATCHED = {"inner": "aot_eager", "cost_model": False, "wavefront_steps": True}
 
@@ -72,6 +72,29 @@ def test_a_model_under_autocast_batches_as_wavefront_steps_and_matches_eager():
     (report,) = reports_since(mark)
     assert report.wavefront_steps == {"steps": 8, "structures": 7}
     assert diagpass.counters["wavefront_steps"]["graphs_compiled_whole"] == 0
+
+
+
+@pytest.mark.parametrize("form", ["family", "layer_major", "official_horizontal"])
+def test_a_second_segment_count_of_research_shapes_compiles_no_new_step(form):
+    """The second count's graph is dynamic (the length symbolic). Its size arithmetic
+    (``sym_sum``, a slice's end) is glue in the prologue, not part of the group that first
+    read it (it could not cross the cut), its numbers fold when a step is specialised,
+    and the layer-major loop's last, symbolic piece is seen through: every wavefront of
+    S=8 was met at S=5."""
+    model = research_shape(form)
+    compiled = torch.compile(model, backend="diagonal", options=BATCHED)
+    mark = report_count()
+    with torch.no_grad():
+        for S in (5, 8):
+            ids = torch.randint(0, 128, (1, 8 * S), generator=torch.Generator().manual_seed(S))
+            assert_matches_eager(model, compiled(ids), ids)
+            if S == 5:
+                first = diagpass.counters["wavefront_steps"]["steps_compiled"]
+    reports = reports_since(mark)
+    assert [r.wavefront_steps["steps"] for r in reports] == [7, 10]  # both graphs cut, both batched
+    c = diagpass.counters["wavefront_steps"]
+    assert c["steps_compiled"] == first and c["graphs_compiled_whole"] == 0
 
 
 @pytest.mark.slow  # Inductor compiles; CI runs -m slow too
