@@ -105,7 +105,7 @@ def _sequential(plan: Plan, example_inputs, cell_by_cell: bool = True) -> Callab
     steps = pipeline.segment_steps_rewrite(plan) if opts.segment_steps else None
     whole = lambda args: inner_compile(copy_graph_module(dynamo_gm)[0], list(args), opts.inner)  # noqa: E731
     if steps is not None:  # each distinct segment compiled once (runtime/segment_steps.py)
-        return with_fallback(compile_steps(steps, opts.inner), whole)
+        return with_fallback(compile_steps(steps, opts.inner, cpp_wrapper=opts.step_cpp_wrapper), whole)
     shared = cell_by_cell and opts.shared_sequential and opts.compiles_shared_subgraphs and not needs_grad(example_inputs)
     gm = pipeline.sequential_rewrite(plan) if shared else None
     if gm is not None:
@@ -138,8 +138,8 @@ def _compile_rewritten(gm: fx.GraphModule, args, opts: Options, report) -> Calla
     steps = pipeline.wavefront_steps_rewrite(gm, report) if opts.wavefront_steps and not opts.roll else None
     if steps is None:
         return _compile_whole(gm, args, opts)
-    return with_fallback(compile_steps(steps, opts.inner, rewritten=True, kind="wavefront_steps"),
-                         lambda real: _compile_whole(gm, real, opts), kind="wavefront_steps")
+    compiled = compile_steps(steps, opts.inner, True, "wavefront_steps", opts.step_cpp_wrapper)
+    return with_fallback(compiled, lambda real: _compile_whole(gm, real, opts), kind="wavefront_steps")
 
 
 def _compile_whole(gm: fx.GraphModule, args, opts: Options) -> Callable:

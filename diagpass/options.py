@@ -65,6 +65,14 @@ class Options:
                (``shared_subgraphs`` decides how): its steady state measured a few
                percent faster than the steps' on CPU (README), at a compile cost
                that grows with S.
+    step_cpp_wrapper: with Inductor, segment and wavefront steps whose tensors are
+               on the CPU are compiled with Inductor's C++ wrapper (``cpp_wrapper``):
+               the code around a step's kernels (buffer allocation, the size and
+               stride checks of every input) runs compiled instead of as Python,
+               which on short steps was what kept the steps behind the whole graph
+               (README). It adds a C++ compile per distinct step; a step it fails
+               on uses the Python wrapper. Other devices use the Python wrapper
+               (not measured there).
     roll:      compile each distinct batched step once (cached across graphs
                and segment counts) and run the schedule as a host loop, glue
                eager; compile cost independent of the number of segments.
@@ -93,6 +101,7 @@ class Options:
     shared_sequential: bool = False
     segment_steps: bool = True
     wavefront_steps: bool = True
+    step_cpp_wrapper: bool = True
     cost_model: bool = True
     max_memory_ratio: float = 1.1
     measure_band: float = 4.0

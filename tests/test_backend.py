@@ -213,8 +213,9 @@ def test_rewritten_graph_compiles_with_memory_config_and_baseline_with_stock_ind
     model = build_armt("llama", num_layers=3, segment_size=8, num_mem_tokens=2, d_mem=8, seed=1)
     randomize_memory_(model)
     ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(0))
-    rewritten = {"reorder_for_locality": False, "realize_reads_threshold": 2}
-    # the batched graph compiles one step per distinct wavefront (wavefront_steps), each with the config
+    # the batched graph compiles one step per distinct wavefront (wavefront_steps), each with the
+    # config, and on the CPU with the C++ wrapper (runtime/inner.CPP_WRAPPER_CONFIG)
+    rewritten = {"reorder_for_locality": False, "realize_reads_threshold": 2, "cpp_wrapper": True}
     for options, expected, compiles in (({"cost_model": False}, rewritten, 7), ({"enabled": False}, None, 1)):
         torch._dynamo.reset()
         patches.clear()

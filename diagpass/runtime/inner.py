@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 
@@ -17,9 +19,15 @@ INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 #   kernels is stored instead of recomputed; the batched residual sum was otherwise
 #   recomputed in the last FFN kernel from inputs kept alive only for it.
 REWRITTEN_INDUCTOR_CONFIG = {"reorder_for_locality": False, "realize_reads_threshold": 2}
+# A step (runtime/segment_steps.py) is a short graph called S times a call: its Python
+# wrapper (allocating each buffer, asserting each input's size and stride, views) is a
+# per-step cost the whole graph pays once per segment only for its kernels. Inductor's
+# C++ wrapper does the same work, input checks included, in compiled code (README).
+CPP_WRAPPER_CONFIG = {"cpp_wrapper": True}
 
 
-def inner_compile(gm: fx.GraphModule, example_inputs, inner: str, rewritten: bool = False) -> Callable:
+def inner_compile(gm: fx.GraphModule, example_inputs, inner: str, rewritten: bool = False,
+                  cpp_wrapper: bool = False) -> Callable:
     if inner == "eager":
         return gm.forward
     if inner == "aot_eager":
@@ -30,4 +38,18 @@ def inner_compile(gm: fx.GraphModule, example_inputs, inner: str, rewritten: boo
         return aot_eager_decomp_partition(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches=REWRITTEN_INDUCTOR_CONFIG if rewritten else None)
+    if cpp_wrapper:
+        _placeholders_read_as(gm, example_inputs)
+    patches = {**(REWRITTEN_INDUCTOR_CONFIG if rewritten else {}), **(CPP_WRAPPER_CONFIG if cpp_wrapper else {})}
+    return compile_fx(gm, example_inputs, config_patches=patches or None)
+
+
+def _placeholders_read_as(gm: fx.GraphModule, example_inputs) -> None:
+    """With the C++ wrapper, ``compile_fx`` takes a GraphModule's inputs from its
+    placeholders' ``meta["val"]``, not from ``example_inputs``
+    (``_extract_inputs_from_exported_gm``); a step's placeholders may carry none, or
+    Dynamo's symbolic ones. Each becomes a fake of its real input, in one mode, so the
+    kernel is compiled for exactly the inputs the Python wrapper would be."""
+    mode = FakeTensorMode()
+    for ph, x in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
+        ph.meta["val"] = mode.from_tensor(x) if isinstance(x, torch.Tensor) else x

@@ -56,11 +56,14 @@ def _intern(structure: tuple) -> int:
 
 class CompiledStep(torch.nn.Module):
     """``rewritten``: a wavefront step (``passes/wavefront_steps.py``), compiled with the
-    Inductor options of rewritten graphs; ``kind`` names its counters."""
+    Inductor options of rewritten graphs; ``kind`` names its counters; ``cpp_wrapper``:
+    Inductor's C++ wrapper for steps whose tensors are all on the CPU."""
 
-    def __init__(self, step: fx.GraphModule, inner: str, rewritten: bool = False, kind: str = "segment_steps"):
+    def __init__(self, step: fx.GraphModule, inner: str, rewritten: bool = False, kind: str = "segment_steps",
+                 cpp_wrapper: bool = False):
         super().__init__()
         self.step, self.inner, self.rewritten, self.kind = step, inner, rewritten, kind
+        self.cpp_wrapper = cpp_wrapper and inner == "inductor"
         self.structure_id = _intern(step.meta["structure"])
         # Dynamo guards the outer graph's inputs and grad mode, so at this site only the
         # arguments Dynamo kept symbolic (numbers, tensors with symbolic sizes) can vary
@@ -93,17 +96,30 @@ class CompiledStep(torch.nn.Module):
         step, tensors = _specialized(self.step, args) if dynamic else (self.step, tensors)
         meta = static_meta([args[i] for i in tensors])
         structure = _intern(graph_structure(step)) if dynamic else self.structure_id
-        key = (structure, torch.is_grad_enabled(), meta, self.inner, self.rewritten)
+        example = [args[i] for i in tensors]
+        cpp = self.cpp_wrapper and all(t.device.type == "cpu" for t in example)
+        key = (structure, torch.is_grad_enabled(), meta, self.inner, self.rewritten, cpp)
         compiled = _STEPS.get(key)
         if compiled is None:
-            compiled = _STEPS[key] = inner_compile(copy_graph_module(step)[0], [args[i] for i in tensors],
-                                                   self.inner, rewritten=self.rewritten)
+            compiled = _STEPS[key] = self._compile(step, example, cpp)
             counters[self.kind]["steps_compiled"] += 1
         else:
             counters[self.kind]["step_cache_hits"] += 1
         # which of this site's arguments the kernel takes is the site's own (a static and a
         # specialised site of one kernel pass their tensors at different positions)
         return lambda *a: compiled(*[a[i] for i in tensors])
+
+    def _compile(self, step: fx.GraphModule, example: list, cpp: bool) -> Callable:
+        if cpp:
+            try:
+                compiled = inner_compile(copy_graph_module(step)[0], example, self.inner, self.rewritten, cpp_wrapper=True)
+                counters[self.kind]["steps_cpp_wrapper"] += 1
+                return compiled
+            except Exception as e:  # noqa: BLE001 - the C++ wrapper is a per-call saving; the Python one is Inductor's default
+                counters[self.kind]["steps_cpp_wrapper_failed"] += 1
+                log.info("diagpass: a %s step did not compile with the C++ wrapper (%s); using the Python wrapper",
+                         self.kind.split("_")[0], first_line(e), exc_info=log.isEnabledFor(logging.DEBUG))
+        return inner_compile(copy_graph_module(step)[0], example, self.inner, rewritten=self.rewritten)
 
 
 # integer arithmetic on sizes, as Dynamo writes it (``sym_sum([-56, s70])`` for a slice end)
@@ -143,12 +159,13 @@ def _specialized(step: fx.GraphModule, args) -> Tuple[fx.GraphModule, List[int]]
     return gm, [i for i, ph in enumerate(placeholders) if ph in kept]
 
 
-def compile_steps(gm: fx.GraphModule, inner: str, rewritten: bool = False, kind: str = "segment_steps") -> fx.GraphModule:
+def compile_steps(gm: fx.GraphModule, inner: str, rewritten: bool = False, kind: str = "segment_steps",
+                  cpp_wrapper: bool = False) -> fx.GraphModule:
     """A copy of ``gm`` (``passes/cut.Steps.gm``) whose step subgraphs are ``CompiledStep``s."""
     out, _ = copy_graph_module(gm)
     for name, step in list(gm.named_children()):
         if isinstance(step, fx.GraphModule) and "structure" in step.meta:
-            setattr(out, name, CompiledStep(step, inner, rewritten, kind))
+            setattr(out, name, CompiledStep(step, inner, rewritten, kind, cpp_wrapper))
     return out
 
 

@@ -82,6 +82,45 @@ def test_a_step_that_does_not_compile_falls_back_to_the_whole_graph(monkeypatch,
     assert "a segment step failed (RuntimeError: no kernel for you); compiling the graph whole" in caplog.text
 
 
+def test_a_step_the_cpp_wrapper_fails_on_uses_the_python_wrapper(monkeypatch, caplog):
+    """Inductor's C++ wrapper is a per-call saving: a step it cannot compile keeps steps
+    (the Python wrapper), not the whole graph. aot_eager stands in for Inductor here."""
+    real = diagpass.runtime.segment_steps.inner_compile
+    seen = []
+
+    def no_cpp(gm, inputs, inner, rewritten=False, cpp_wrapper=False):
+        seen.append(cpp_wrapper)
+        if cpp_wrapper:
+            raise RuntimeError("no C++ for you")
+        return real(gm, inputs, "aot_eager", rewritten)
+
+    monkeypatch.setattr(diagpass.runtime.segment_steps, "inner_compile", no_cpp)
+    caplog.set_level("INFO", logger="diagpass")
+    with torch.no_grad():
+        assert_equivalent(steps_armt(), steps_ids(5), options={**STEPS, "inner": "inductor"}, expect_batched=False)
+    c = diagpass.counters["segment_steps"]
+    assert seen == [True, False] * 3 and c["steps_cpp_wrapper_failed"] == 3 and c["steps_cpp_wrapper"] == 0
+    assert c["graphs_compiled_whole"] == 0 and c["steps_compiled"] == 3
+    assert "did not compile with the C++ wrapper (RuntimeError: no C++ for you); using the Python wrapper" in caplog.text
+
+
+def test_the_cpp_wrapper_is_for_inductor_on_the_cpu_only(monkeypatch):
+    """The option off, or another inner compiler, never asks for it."""
+    real = diagpass.runtime.segment_steps.inner_compile
+    seen = []
+
+    def spy(gm, inputs, inner, rewritten=False, cpp_wrapper=False):
+        seen.append(cpp_wrapper)
+        return real(gm, inputs, "aot_eager", rewritten)
+
+    monkeypatch.setattr(diagpass.runtime.segment_steps, "inner_compile", spy)
+    with torch.no_grad():
+        assert_equivalent(steps_armt(), steps_ids(4), options={**STEPS, "inner": "inductor", "step_cpp_wrapper": False},
+                          expect_batched=False)
+        assert_equivalent(steps_armt(), steps_ids(4), options=STEPS, expect_batched=False)
+    assert seen and not any(seen)
+
+
 def test_a_transformer_xl_cache_under_inductor_matches_eager():
     """A Transformer-XL step returns its input hidden states (detached) as the next cache:
     an output that views an input, the case Inductor got wrong inside shared subgraphs."""
@@ -133,7 +172,23 @@ def test_a_second_segment_count_of_layer_major_loops_compiles_no_new_step(form):
 @pytest.mark.slow  # Inductor compiles; CI runs -m slow too
 def test_inductor_steps_match_eager_in_inference_and_training():
     options = {**STEPS, "inner": "inductor"}
+    c = diagpass.counters["segment_steps"]
     assert_equivalent(steps_armt(), steps_ids(5), options=options, expect_batched=False)
-    assert diagpass.counters["segment_steps"]["steps_compiled"] == 3
+    assert c["steps_compiled"] == 3 and c["steps_cpp_wrapper"] == 3  # the C++ wrapper, on the CPU
     assert_equivalent(steps_armt(), steps_ids(5), options=options, grads=True, expect_batched=False)
-    assert diagpass.counters["segment_steps"]["steps_compiled"] == 6  # grad mode is in the key
+    assert c["steps_compiled"] == 6 and c["steps_cpp_wrapper"] == 6  # grad mode is in the key; backward too
+    assert c["steps_cpp_wrapper_failed"] == 0 and c["graphs_compiled_whole"] == 0
+
+
+@pytest.mark.slow
+def test_a_cpp_wrapper_step_still_checks_its_inputs_sizes_and_strides():
+    """The C++ wrapper keeps Inductor's input checks: an argument with other strides
+    raises (a step then falls back to the whole graph) instead of being read wrongly."""
+    from diagpass.runtime.inner import inner_compile
+
+    gm = torch.fx.symbolic_trace(lambda x, w: (torch.relu(x @ w) + 1,))
+    x, w = torch.randn(8, 16), torch.randn(16, 4)
+    step = inner_compile(gm, [x, w], "inductor", cpp_wrapper=True)
+    torch.testing.assert_close(step(x, w)[0], torch.relu(x @ w) + 1)
+    with pytest.raises(RuntimeError, match="stride"):
+        step(x.t().contiguous().t(), w)
