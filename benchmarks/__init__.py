@@ -23,6 +23,8 @@ side (interleaved rounds, medians); --time-in-process times them where they were
   seq_steps    diagonal with segment_steps=True (the default): that fallback as one compiled
                step per segment, each distinct segment compiled once
   diag_cached  diagonal with cache_weight_stacks=True: weights stacked once, kept between calls
+  diag_pywrapper / stacked_pywrapper   diagonal / diag_stacked with step_cpp_wrapper=False: the
+               steps' kernels called from Inductor's Python wrapper (the C++ one is the default)
   rolled       diagonal with roll=True: each distinct batched step compiled once, host loop
   seq_rolled   roll with min_group=10**6: the same host loop, one cell per call (batching off)
   diag_aot     diagonal with inner "aot_eager" (diagnostic: rewrite without Inductor)

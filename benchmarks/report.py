@@ -16,6 +16,8 @@ MODE_NAMES = {
     "stacked_inline": "diagonal (Inductor), weights stored stacked, calls inlined (shared subgraphs off)",
     "diag_cached": "diagonal (Inductor), cache_weight_stacks",
     "diag_aot": "diagonal (aot_eager)",
+    "diag_pywrapper": "diagonal (Inductor), steps with the Python wrapper (step_cpp_wrapper=False)",
+    "stacked_pywrapper": "diagonal (Inductor), weights stored stacked, steps with the Python wrapper",
     "rolled": "diagonal rolled (Inductor kernels, compiled once)",
     "rolled_glue": "diagonal rolled, glue compiled too (compile_glue)",
     "seq_rolled": "sequential rolled (one cell per kernel call)",

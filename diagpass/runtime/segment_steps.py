@@ -22,6 +22,10 @@ After::
 Each compiled step is AOTAutograd's (Inductor: ``compile_fx``), so a call that
 needs gradients gets its backward, and a step that aliases or writes its
 inputs is handled there, as for any graph.
+
+On the CPU a step is compiled with Inductor's C++ wrapper (``step_cpp_wrapper``):
+a step runs S times a call, and its Python wrapper (buffer allocation, an
+assert per input) was a cost the whole graph pays once.
 """
 
 from __future__ import annotations
