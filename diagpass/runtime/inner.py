@@ -20,9 +20,9 @@ INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 #   recomputed in the last FFN kernel from inputs kept alive only for it.
 REWRITTEN_INDUCTOR_CONFIG = {"reorder_for_locality": False, "realize_reads_threshold": 2}
 # A step (runtime/segment_steps.py) is a short graph called S times a call: its Python
-# wrapper (allocating each buffer, asserting each input's size and stride, views) is a
-# per-step cost the whole graph pays once per segment only for its kernels. Inductor's
-# C++ wrapper does the same work, input checks included, in compiled code (README).
+# wrapper (allocating each buffer, asserting each input's size and stride) runs every
+# step, where the whole graph runs one wrapper a call and reuses buffers across segments.
+# Inductor's C++ wrapper does the same work, input checks included, as compiled code (README).
 CPP_WRAPPER_CONFIG = {"cpp_wrapper": True}
 
 

@@ -85,3 +85,4 @@ def test_research_code_shapes_under_inductor(kind, whole, count):
         assert_equivalent(model, ids, options={"cost_model": False, "wavefront_steps": not whole}, expect_batched=True)
     assert count() > before
     assert diagpass.counters["wavefront_steps"]["graphs_compiled_whole"] == 0  # no step fell back
+    assert diagpass.counters["wavefront_steps"]["steps_cpp_wrapper_failed"] == 0  # each step took the C++ wrapper

@@ -104,7 +104,7 @@ def test_a_step_the_cpp_wrapper_fails_on_uses_the_python_wrapper(monkeypatch, ca
     assert "did not compile with the C++ wrapper (RuntimeError: no C++ for you); using the Python wrapper" in caplog.text
 
 
-def test_the_cpp_wrapper_is_for_inductor_on_the_cpu_only(monkeypatch):
+def test_the_cpp_wrapper_is_asked_for_only_with_inductor_and_the_option_on(monkeypatch):
     """The option off, or another inner compiler, never asks for it."""
     real = diagpass.runtime.segment_steps.inner_compile
     seen = []
