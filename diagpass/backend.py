@@ -18,18 +18,19 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
-from diagpass import logs, pipeline
+from diagpass import logs, pipeline, variants
 from diagpass.counters import counters
 from diagpass.errors import DiagonalMismatch  # noqa: F401 - public: diagpass.DiagonalMismatch
 from diagpass.fx_facts import copy_graph_module
 from diagpass.options import Options
 from diagpass.pipeline import Plan
 from diagpass.report import record
-from diagpass.runtime.dispatch import GraphDispatch, Lazy, MeasuredChoice, needs_grad, recorded, verified
+from diagpass.runtime.dispatch import GraphDispatch, Lazy, needs_grad, verified
 from diagpass.runtime.group_op import compile_rolled
 from diagpass.runtime.inner import inner_compile
 from diagpass.runtime.segment_steps import compile_steps, with_fallback
 from diagpass.runtime.subgraphs import compile_shared_subgraphs
+from diagpass.sizes import per_size
 from diagpass.weights import WeightStackCache
 
 
@@ -38,6 +39,17 @@ def diagonal_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict]
     opts = Options.from_dict({**(options or {}), **kwargs})
     recompile_reason = logs.recompile_reason()
     logs.warn_near_recompile_limit(gm, recompile_reason)
+    if opts.enabled and opts.max_size_specializations:  # a dynamic graph: one static graph per call's sizes
+        compiled = per_size(gm, example_inputs, opts.max_size_specializations,
+                            lambda static, args: _backend(static, args, opts, recompile_reason))
+        if compiled is not None:
+            return compiled
+    return _backend(gm, example_inputs, opts, recompile_reason, entered)
+
+
+def _backend(gm: fx.GraphModule, example_inputs, opts: Options, recompile_reason,
+             entered: Optional[float] = None) -> Callable:
+    entered = time.perf_counter() if entered is None else entered
     plan = pipeline.run(gm, opts, example_inputs) if opts.enabled else pipeline.disabled(gm, opts)
     plan.report.recompile_reason = recompile_reason
     record(plan.report)
@@ -57,12 +69,12 @@ def _compile(plan: Plan, example_inputs) -> Callable:
         sequential = Lazy(lambda args: _sequential(plan, args))
         copying = Lazy(lambda args: _compile_rewritten(rewrite.gm, args, options, plan.report))
         if plan.measured:
-            copying = _measured(plan, copying, sequential, example_inputs)
+            copying = variants.measured(plan, copying, sequential, example_inputs)
         if rewrite.stacked is None:
             if plan.measured:
                 return lambda *args: copying(args)(*args)
             return copying(example_inputs)
-        stacked = _stacked(plan, Lazy(lambda full: _compile_rewritten(rewrite.stacked.gm, full, options, plan.report),
+        stacked = variants.stacked(plan, Lazy(lambda full: _compile_rewritten(rewrite.stacked.gm, full, options, plan.report),
                                       counter="stacked_graphs_compiled"), sequential, arity)
         cache = WeightStackCache() if options.cache_weight_stacks else None
         dispatch = GraphDispatch(plan.weight_inputs, stacked, copying=copying, cache=cache)
@@ -80,22 +92,7 @@ def _compile(plan: Plan, example_inputs) -> Callable:
         return compiled
     sequential = Lazy(lambda args: compiled)
     batched = Lazy(lambda full: _batched_when_stacked(plan, full, compiled, arity), counter="batched_after_cost")
-    return GraphDispatch(plan.weight_inputs, _stacked(plan, batched, sequential, arity), sequential=sequential)
-
-
-def _stacked(plan: Plan, batched: Lazy, sequential: Lazy, arity: int):
-    """What a call reading stored stacks runs: the batched variant, or on CPU the faster of it
-    and the sequential graph, timed on the first calls (``pipeline._measures_stacks``)."""
-    if not plan.stacked_measured:
-        return batched
-    unstacked = Lazy(lambda full: _dropping_stacks(sequential(full[:arity]), arity))
-    return MeasuredChoice({"batched": batched, "sequential": unstacked}, plan.stacked_measured,
-                          on_choice=recorded(plan.report.measured_stacked, "weights stored stacked"))
-
-
-def _dropping_stacks(sequential: Callable, arity: int) -> Callable:
-    """The sequential graph called with a stacked variant's arguments (the stacks trail)."""
-    return lambda *full: sequential(*full[:arity])
+    return GraphDispatch(plan.weight_inputs, variants.stacked(plan, batched, sequential, arity), sequential=sequential)
 
 
 def _sequential(plan: Plan, example_inputs, cell_by_cell: bool = True) -> Callable:
@@ -113,20 +110,12 @@ def _sequential(plan: Plan, example_inputs, cell_by_cell: bool = True) -> Callab
     return whole(example_inputs)
 
 
-def _measured(plan: Plan, batched: Lazy, sequential: Lazy, example_inputs) -> MeasuredChoice:
-    """Both variants compiled now; inference calls then time them (``measure_band``)."""
-    batched(example_inputs)
-    sequential(example_inputs)
-    return MeasuredChoice({"batched": batched, "sequential": sequential}, plan.measured,
-                          on_choice=recorded(plan.report.measured, f"the cost rule said {plan.measured}"))
-
-
 def _batched_when_stacked(plan: Plan, full_args, sequential: Callable, arity: int) -> Callable:
     late = pipeline.rewrite_when_stacked(plan)
     record(late.report)
     logs.report_graph(late.report, plan.gm, late.rewrite.gm if late.rewrite else None, plan.options.min_group)
     if late.rewrite is None or late.rewrite.stacked is None:
-        return _dropping_stacks(sequential, arity)
+        return variants.dropping_stacks(sequential, arity)
     counters["stacked_weights"]["stacked_graphs_compiled"] += 1
     compiled = _compile_rewritten(late.rewrite.stacked.gm, list(full_args), plan.options, late.report)
     if not plan.options.verify:

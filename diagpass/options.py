@@ -88,6 +88,13 @@ class Options:
                off unless asked for; ``diagpass.stack_weights_`` gets the same
                without the copy. Inference only: a call that needs gradients
                for the weights stacks them as before.
+    max_size_specializations: a graph Dynamo kept dynamic (the input length a
+               symbol: the second segment count) is compiled as the static graph
+               of each call's sizes (``passes/specialize.py``), so that its cells
+               group as the static graph's do and stored weight stacks are read,
+               up to this many distinct sizes per graph; calls with more sizes run
+               Dynamo's graph uncompiled, with a warning. 0 compiles the dynamic
+               graph once for all sizes, as it is.
     """
 
     inner: str = "inductor"
@@ -107,6 +114,7 @@ class Options:
     measure_band: float = 4.0
     compile_glue: bool = False
     cache_weight_stacks: bool = False
+    max_size_specializations: int = 8
 
     @property
     def compiles_shared_subgraphs(self) -> bool:
@@ -135,4 +143,7 @@ class Options:
             raise ValueError(f"diagpass: options['max_memory_ratio'] must be a number >= 1, got {opts.max_memory_ratio!r}")
         if not isinstance(opts.measure_band, (int, float)) or opts.measure_band < 1:
             raise ValueError(f"diagpass: options['measure_band'] must be a number >= 1, got {opts.measure_band!r}")
+        if not isinstance(opts.max_size_specializations, int) or opts.max_size_specializations < 0:
+            raise ValueError("diagpass: options['max_size_specializations'] must be an int >= 0, got "
+                             f"{opts.max_size_specializations!r}")
         return opts

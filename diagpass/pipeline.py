@@ -35,6 +35,7 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from diagpass import logs
 from diagpass.counters import counters
@@ -378,14 +379,17 @@ def _weight_input_indices(gm: fx.GraphModule, grid: CellGrid) -> List[List[int]]
 
 
 def _static(gm: fx.GraphModule, example_inputs) -> bool:
-    """Real inputs and no symbolic sizes: a graph compiled later on real
-    arguments is then the graph Dynamo would have had compiled."""
-    if example_inputs is None or not all(isinstance(a, torch.Tensor) for a in example_inputs):
+    """Real inputs and no symbolic sizes (numbers a specialised graph baked in are
+    plain): a graph compiled later on real arguments is then the graph Dynamo would
+    have had compiled."""
+    if example_inputs is None:
         return False
-    for node in gm.graph.find_nodes(op="placeholder"):
+    for node, a in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
         v = example_value(node)
-        if isinstance(v, torch.Tensor) and not all(isinstance(d, int) for d in v.shape):
-            return False
+        if not isinstance(a, torch.Tensor) and not (type(a) is type(v) and type(a) in (int, float, bool)):
+            return False  # a fake, or a number Dynamo kept symbolic
+        if isinstance(v, torch.Tensor) and not all(is_concrete_int(d) for d in v.shape):
+            return False  # a size Dynamo specialised while tracing is a SymInt of a constant
     return True
 
 

@@ -1,0 +1,96 @@
+"""passes/specialize: a dynamic graph made the static graph of one call's sizes. The
+size arithmetic folds into constants (golden text), the result computes what Dynamo's
+graph computes, and sizes that break the graph's own relations are refused."""
+
+import pytest
+import torch
+
+from diagpass.errors import NotBatchable
+from diagpass.passes.specialize import concrete, specialize, symbolic_sizes
+from tests.passes.graph_text import render
+
+
+def _last_piece(x):
+    n = x.shape[1] // 4
+    last = x[:, 4 * (n - 1):]
+    return last * 2, x.sum(1)
+
+
+def _graphs(fn, *shapes):
+    """Dynamo's graph (and example inputs) for each call's shape: from the second on dynamic."""
+    graphs = []
+
+    def grab(gm, example_inputs):
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=grab)
+    for shape in shapes:
+        compiled(torch.randn(*shape))
+    torch._dynamo.reset()
+    return graphs
+
+
+DYNAMIC = """\
+input s27
+input l_x_
+floordiv = floordiv(s27, 4)
+sub = sub(floordiv, 1)
+mul = mul(4, sub)
+last = getitem(l_x_, (:, mul:))
+mul_1 = mul(last, 2)
+sum_1 = .sum(l_x_, 1)
+return (mul_1, sum_1)"""
+
+STATIC_28 = """\
+input s27
+input l_x_
+last = getitem(l_x_, (:, 24:))
+mul_1 = mul(last, 2)
+sum_1 = .sum(l_x_, 1)
+return (mul_1, sum_1)"""
+
+
+def test_size_arithmetic_folds_into_the_slice_and_the_graph_computes_the_same():
+    (static, _), (gm, example_inputs) = _graphs(_last_piece, (2, 12), (2, 20))
+    assert symbolic_sizes(static) is None
+    assert render(gm, placeholders=True) == DYNAMIC.replace("s27", gm.graph.find_nodes(op="placeholder")[0].name)
+    sizes = symbolic_sizes(gm)
+    assert len(sizes.sources) == 1 and sizes.sources[0][1] == (0, "int", 0)  # read from the int input
+    assert sizes.read(example_inputs) == (20,)
+    x = torch.randn(2, 28)
+    out = specialize(gm, sizes, [28, x])
+    assert render(out, placeholders=True) == STATIC_28.replace("s27", out.graph.find_nodes(op="placeholder")[0].name)
+    torch.testing.assert_close(out(28, x), gm(28, x), rtol=0, atol=0)
+    assert gm.code != out.code and "floordiv" in gm.code  # Dynamo's graph is left as it was
+    ph = out.graph.find_nodes(op="placeholder")[1]
+    assert tuple(ph.meta["example_value"].shape) == (2, 28)  # values are the static ones
+
+
+def test_sizes_that_break_the_graphs_relations_are_refused():
+    _, (gm, _) = _graphs(_last_piece, (2, 12), (2, 20))
+    with pytest.raises(NotBatchable, match="size is 28, not .* = 30"):
+        specialize(gm, symbolic_sizes(gm), [30, torch.randn(2, 28)])
+
+
+def test_example_inputs_are_read_as_the_call_passes_them():
+    _, (gm, example_inputs) = _graphs(_last_piece, (2, 12), (2, 20))
+    assert isinstance(example_inputs[0], torch.SymInt)  # Dynamo's symbolic length
+    assert concrete(example_inputs)[0] == 20 and concrete(example_inputs)[1] is example_inputs[1]
+
+
+def test_an_in_place_write_through_a_view_keeps_its_values():
+    """The static values come from running Dynamo's own ops in Dynamo's order: a view
+    written in place stays a view of its base (the later read sees the write)."""
+    def fn(x):
+        y = x.clone()
+        y[:, x.shape[1] - 4:].mul_(3)
+        return y + 1
+
+    _, (gm, example_inputs) = _graphs(fn, (2, 8), (2, 12))
+    x = torch.randn(2, 16)
+    args = [16 if isinstance(a, torch.SymInt) else x for a in example_inputs]
+    out = specialize(gm, symbolic_sizes(gm), args)
+    torch.testing.assert_close(out(*args)[0], fn(x), rtol=0, atol=0)
+    assert "sub" not in out.code and "sub" in gm.code  # the view's start is a constant now
