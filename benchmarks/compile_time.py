@@ -20,6 +20,12 @@ Each (S, L, mode) runs in a fresh subprocess (no warm caches). Modes:
               sequential graph inline
   steps       options={"segment_steps": True} (the default): that graph as one compiled
               step per segment
+  stacked     the defaults, weights stored stacked (diagpass.stack_weights_)
+  stacked_dynamic  the same with max_size_specializations=0: a graph Dynamo made
+              dynamic (the second count of --model family) compiled once for all sizes
+--model: the reference ARMT-LLaMA (Dynamo specialises its length while tracing, so
+every count's graph is static) or the associative family model (the second count's
+graph keeps the length symbolic).
 ``kernels``: roll's kernels, or the segment or wavefront steps compiled.
 Columns: dynamo_s (Dynamo trace: call start -> backend entered), backend_s
 (passes + inner compile + kernel compiles during the first call), first_s
@@ -48,13 +54,21 @@ CHILD = textwrap.dedent(
     import diagpass
     S, L, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     torch.manual_seed(0)
-    model = build_armt("llama", num_layers=L, segment_size=8, num_mem_tokens=2, d_mem=8)
-    randomize_memory_(model)
+    if os.environ.get("DIAGPASS_BENCH_MODEL", "armt") == "family":
+        from diagpass.models.family import FamilyConfig, build_family_model
+        model = build_family_model(FamilyConfig(vocab_size=128, d_model=64, n_layers=L, n_heads=2, d_ff=128,
+                                                segment_size=8, num_mem_tokens=2, memory_kind="associative"), seed=0).eval()
+    else:
+        model = build_armt("llama", num_layers=L, segment_size=8, num_mem_tokens=2, d_mem=8)
+        randomize_memory_(model)
     ids = torch.randint(0, 128, (1, 8 * S))
     opts = {"sequential": {"enabled": False}, "diagonal": {}, "rolled": {"roll": True}, "regions": {"roll": True},
             "batched": {"cost_model": False, "wavefront_steps": True}, "batched_inline": {"cost_model": False, "shared_subgraphs": False,
             "wavefront_steps": False}, "batched_whole": {"cost_model": False, "wavefront_steps": False},
-            "seq_inline": {"shared_sequential": False, "segment_steps": False}, "steps": {"segment_steps": True}}[mode]
+            "seq_inline": {"shared_sequential": False, "segment_steps": False}, "steps": {"segment_steps": True},
+            "stacked": {}, "stacked_dynamic": {"max_size_specializations": 0}}[mode]
+    if mode.startswith("stacked"):
+        diagpass.stack_weights_(model.layers)
     if mode == "regions":
         diagpass.mark_compile_regions(layer.layer for layer in model.layers)
     fast = torch.compile(model, backend="diagonal", options=opts)
@@ -84,9 +98,14 @@ CHILD = textwrap.dedent(
         with torch.no_grad():
             a = time.perf_counter(); out2 = fast(ids2); b = time.perf_counter()
             rep2 = diagpass.reports()[-1]
-            c = time.perf_counter(); fast(ids2); steady2 = time.perf_counter() - c
+            steady = []
+            for _ in range(5):
+                c = time.perf_counter(); fast(ids2); steady.append(time.perf_counter() - c)
+            steady2 = statistics.median(steady)
             row["second_diff"] = float((out2 - model(ids2)).abs().max())
-        row.update(second_S=S2, second_first_s=b - a,
+        row.update(second_S=S2, second_first_s=b - a, second_steady_ms=1e3 * steady2,
+                   second_batched=rep2.batched,
+                   second_view_calls=counters["stacked_weights"]["view_calls"],
                    second_backend_s=(b - a) - (rep2.timings["entered_at"] - a) - steady2,
                    second_kernels=kernels() - row["kernels"])
     print(json.dumps(row))
@@ -135,9 +154,11 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, nargs="*", default=None)
     ap.add_argument("--modes", nargs="*", default=None)
     ap.add_argument("--json", default=None, help="write rows here")
+    ap.add_argument("--model", choices=["armt", "family"], default="armt")
     ap.add_argument("--second-segments", type=int, default=0,
                     help="after the first count, call with this many segments: backend time of a new count")
     args = ap.parse_args(argv)
+    os.environ["DIAGPASS_BENCH_MODEL"] = args.model
     segments = args.segments or ([8, 32] if args.quick else [8, 32, 128])
     layers = args.layers or ([8] if args.quick else [4, 8, 16])
     modes = args.modes or (["rolled", "sequential"] if args.quick else ["rolled", "diagonal", "sequential"])
@@ -150,11 +171,12 @@ def main(argv=None) -> None:
     print(table(rows))
     seconds = [r for r in rows if "second_S" in r]
     if seconds:
-        print("\n| S | then S | mode | backend s, first count | backend s, second count | ratio | new kernels |"
-              "\n|---|---|---|---:|---:|---:|---:|")
+        print("\n| S | then S | mode | backend s, first count | backend s, second count | ratio | new kernels "
+              "| second count: batched, steady ms, calls reading stored stacks |\n|---|---|---|---:|---:|---:|---:|---|")
         for r in seconds:
             print(f"| {r['S']} | {r['second_S']} | {r['mode']} | {r['backend_s']:.1f} | {r['second_backend_s']:.1f} | "
-                  f"{r['second_backend_s'] / r['backend_s']:.2f} | {r['second_kernels']} |")
+                  f"{r['second_backend_s'] / r['backend_s']:.2f} | {r['second_kernels']} | {r['second_batched']}, "
+                  f"{r['second_steady_ms']:.1f}, {r['second_view_calls']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -39,25 +39,27 @@ def diagonal_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict]
     opts = Options.from_dict({**(options or {}), **kwargs})
     recompile_reason = logs.recompile_reason()
     logs.warn_near_recompile_limit(gm, recompile_reason)
+    analyse = lambda g, args: _plan(g, args, opts, recompile_reason)  # noqa: E731
     if opts.enabled and opts.max_size_specializations:  # a dynamic graph: one static graph per call's sizes
-        compiled = per_size(gm, example_inputs, opts.max_size_specializations,
-                            lambda static, args: _backend(static, args, opts, recompile_reason))
+        compiled = per_size(gm, example_inputs, opts.max_size_specializations, analyse, _compile_plan, entered)
         if compiled is not None:
             return compiled
-    return _backend(gm, example_inputs, opts, recompile_reason, entered)
+    return _compile_plan(analyse(gm, example_inputs), example_inputs, entered)
 
 
-def _backend(gm: fx.GraphModule, example_inputs, opts: Options, recompile_reason,
-             entered: Optional[float] = None) -> Callable:
-    entered = time.perf_counter() if entered is None else entered
+def _plan(gm: fx.GraphModule, example_inputs, opts: Options, recompile_reason) -> Plan:
     plan = pipeline.run(gm, opts, example_inputs) if opts.enabled else pipeline.disabled(gm, opts)
     plan.report.recompile_reason = recompile_reason
+    return plan
+
+
+def _compile_plan(plan: Plan, example_inputs, entered: float) -> Callable:
     record(plan.report)
-    t0 = time.perf_counter()
-    original = copy_graph_module(gm)[0] if opts.verify and plan.rewrite is not None else None
+    opts, t0 = plan.options, time.perf_counter()
+    original = copy_graph_module(plan.gm)[0] if opts.verify and plan.rewrite is not None else None
     compiled = _compile(plan, example_inputs)
     plan.report.timings.update(inner_s=time.perf_counter() - t0, entered_at=entered, left_at=time.perf_counter())
-    logs.report_graph(plan.report, gm, plan.rewrite.gm if plan.rewrite else None, opts.min_group)
+    logs.report_graph(plan.report, plan.gm, plan.rewrite.gm if plan.rewrite else None, opts.min_group)
     return verified(compiled, original, opts.rtol, opts.atol) if original is not None else compiled
 
 

@@ -128,3 +128,16 @@ def test_inductor_compiles_the_specialised_graph_with_stored_stacks():
             assert_matches_eager(model, compiled(steps_ids(S)), steps_ids(S))
     assert diagpass.counters["specialize"]["graphs_compiled"] == 1
     assert diagpass.counters["stacked_weights"]["view_calls"] == 3
+
+
+def test_a_graph_without_segments_stays_one_dynamic_graph():
+    """A decoding step's cache grows every call: one graph for all lengths, not a compile per length."""
+    layer = torch.nn.Linear(8, 8)
+    compiled = torch.compile(layer, backend="diagonal", options={"inner": "aot_eager"})
+    with torch.no_grad():
+        for n in (3, 5, 7, 9):
+            x = torch.randn(1, n, 8)
+            torch.testing.assert_close(compiled(x), layer(x))
+    c = diagpass.counters["specialize"]
+    assert c["graphs_kept_dynamic"] == 1 and c["graphs_compiled"] == 0
+    assert len(diagpass.reports()) == 2  # the static first graph, then the dynamic one for every length
