@@ -8,6 +8,12 @@ import torch
 def dynamo_graph(model, *args, **kwargs):
     """(Dynamo's first FX graph of ``model(*args, **kwargs)`` under no_grad,
     the example inputs Dynamo hands a backend with it)."""
+    return dynamo_graphs(model, args, kwargs=kwargs)[0]
+
+
+def dynamo_graphs(model, *calls, kwargs=None):
+    """Dynamo's (graph, example inputs) for each of ``calls`` (argument tuples) of one
+    compiled ``model``, under no_grad: from the second shape on, graphs Dynamo made dynamic."""
     captured = []
 
     def grab(gm, example_inputs):
@@ -15,10 +21,12 @@ def dynamo_graph(model, *args, **kwargs):
         return gm.forward
 
     torch._dynamo.reset()
+    compiled = torch.compile(model, backend=grab)
     with torch.no_grad():
-        torch.compile(model, backend=grab)(*args, **kwargs)
+        for args in calls:
+            compiled(*args, **(kwargs or {}))
     torch._dynamo.reset()
-    return captured[0]
+    return captured
 
 
 def middle_cells_that_batch(num_segments: int, num_layers: int) -> Set[Tuple[int, int]]:

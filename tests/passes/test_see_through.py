@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import diagpass
 from diagpass.passes.see_through import simplify_concat_slices
-from tests.helpers import dynamo_graph
+from tests.helpers import dynamo_graph, dynamo_graphs
 from tests.passes.conftest import capture
 
 
@@ -201,18 +201,7 @@ def test_a_dynamic_graphs_symbolic_last_piece_is_seen_through_too():
     cfg = FamilyConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=2, d_ff=64, segment_size=8,
                        num_mem_tokens=2, memory_kind="associative", layer_major=True)
     model = build_family_model(cfg, seed=0).eval()
-    graphs = []
-
-    def grab(gm, example_inputs):
-        graphs.append((gm, list(example_inputs)))
-        return gm.forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=grab)
-    with torch.no_grad():
-        for S in (5, 8):
-            compiled(torch.randint(0, 64, (1, 8 * S)))
-    torch._dynamo.reset()
+    graphs = dynamo_graphs(model, *[(torch.randint(0, 64, (1, 8 * S)),) for S in (5, 8)])
     gm, inputs = graphs[-1]
     assert any(isinstance(a, torch.SymInt) for a in inputs)  # the length is a symbolic input
     inputs = [a.node.hint if isinstance(a, torch.SymInt) else a for a in inputs]  # this call's value

@@ -7,6 +7,7 @@ import torch
 
 from diagpass.errors import NotBatchable
 from diagpass.passes.specialize import concrete, specialize, symbolic_sizes
+from tests.helpers import dynamo_graphs
 from tests.passes.graph_text import render
 
 
@@ -18,18 +19,7 @@ def _last_piece(x):
 
 def _graphs(fn, *shapes):
     """Dynamo's graph (and example inputs) for each call's shape: from the second on dynamic."""
-    graphs = []
-
-    def grab(gm, example_inputs):
-        graphs.append((gm, list(example_inputs)))
-        return gm.forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, backend=grab)
-    for shape in shapes:
-        compiled(torch.randn(*shape))
-    torch._dynamo.reset()
-    return graphs
+    return dynamo_graphs(fn, *[(torch.randn(*shape),) for shape in shapes])
 
 
 DYNAMIC = """\
