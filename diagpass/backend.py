@@ -12,6 +12,8 @@ traceback from the pass.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 from typing import Callable, Optional
 
@@ -41,10 +43,17 @@ def diagonal_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict]
     logs.warn_near_recompile_limit(gm, recompile_reason)
     analyse = lambda g, args: _plan(g, args, opts, recompile_reason)  # noqa: E731
     if opts.enabled and opts.max_size_specializations:  # a dynamic graph: one static graph per call's sizes
-        compiled = per_size(gm, example_inputs, opts.max_size_specializations, analyse, _compile_plan, entered)
+        compiled = per_size(gm, example_inputs, opts.max_size_specializations, analyse, _compile_plan, entered,
+                            past_limit=lambda: _for_all_sizes(gm, opts))
         if compiled is not None:
             return compiled
     return _compile_plan(analyse(gm, example_inputs), example_inputs, entered)
+
+
+def _for_all_sizes(gm: fx.GraphModule, opts: Options) -> Callable:
+    """Dynamo's graph traced again with every size symbolic: one graph, guarded by Dynamo."""
+    options = {**dataclasses.asdict(opts), "max_size_specializations": 0}
+    return torch.compile(gm, backend=functools.partial(diagonal_backend, options=options), dynamic=True)
 
 
 def _plan(gm: fx.GraphModule, example_inputs, opts: Options, recompile_reason) -> Plan:

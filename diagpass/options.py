@@ -93,8 +93,9 @@ class Options:
                of each call's sizes (``passes/specialize.py``), so that its cells
                group as the static graph's do and stored weight stacks are read,
                up to this many distinct sizes per graph; calls with more sizes run
-               Dynamo's graph uncompiled, with a warning. 0 compiles the dynamic
-               graph once for all sizes, as it is.
+               one graph for all sizes (Dynamo's graph traced again with
+               ``dynamic=True``), with a warning. 0 compiles the dynamic graph
+               once for all sizes, as it is.
     """
 
     inner: str = "inductor"

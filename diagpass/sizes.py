@@ -30,7 +30,8 @@ log = logging.getLogger("diagpass")
 
 
 def per_size(gm: fx.GraphModule, example_inputs, limit: int, analyse: Callable[[fx.GraphModule, list], Plan],
-             compile: Callable[[Plan, list, float], Callable], entered: float) -> Optional[SizeSpecializations]:
+             compile: Callable[[Plan, list, float], Callable], entered: float,
+             past_limit: Callable[[], Callable]) -> Optional[SizeSpecializations]:
     """None for a static graph, one the user asked to keep dynamic, one whose sizes
     cannot be specialised (logged), or one without segments (a decoding step: one
     graph for every cache length beats a compile per length)."""
@@ -52,7 +53,7 @@ def per_size(gm: fx.GraphModule, example_inputs, limit: int, analyse: Callable[[
         plan, at = made.pop(sizes.read(args), (None, time.perf_counter()))
         return compile(plan if plan is not None else analyse(specialize(gm, sizes, args), args), args, at)
 
-    return SizeSpecializations(gm, sizes.read, make, limit)
+    return SizeSpecializations(gm, sizes.read, make, limit, past_limit)
 
 
 def _kept_dynamic(why: str, error: Optional[Exception] = None) -> None:

@@ -92,15 +92,19 @@ def test_asked_for_dynamic_shapes_compile_one_graph_for_all_sizes(how):
     assert c["graphs_specialized"] == 0 and c["graphs_compiled"] == 0
 
 
-def test_sizes_past_the_limit_run_dynamos_graph_and_match(caplog):
+def test_sizes_past_the_limit_run_one_graph_for_all_sizes_and_match(caplog):
     model = _armt(stacked=False)
     compiled = torch.compile(model, backend="diagonal", options={"inner": "aot_eager", "max_size_specializations": 1})
+    mark = None
     with torch.no_grad(), caplog.at_level(logging.WARNING, logger="diagpass"):
-        for batch in (1, 2, 3, 2):  # the second batch size makes the batch dim symbolic
+        for batch in (1, 2, 3, 4, 2, 3):  # the second batch size makes the batch dim symbolic
             ids = torch.randint(0, 128, (batch, 8 * 5), generator=torch.Generator().manual_seed(batch))
             assert_matches_eager(model, compiled(ids), ids)
+            if batch == 2 and mark is None:
+                mark = report_count()
     c = diagpass.counters["specialize"]
-    assert c["graphs_compiled"] == 1 and c["sizes_past_limit"] == 1  # batch 3 ran Dynamo's graph
+    assert c["graphs_compiled"] == 1 and c["sizes_past_limit"] == 2  # batch 3 and 4: one graph for both
+    assert len(reports_since(mark)) == 1  # Dynamo's graph traced again with dynamic shapes, once
     assert "met more than 1 sets of input sizes" in caplog.text
 
 
