@@ -27,6 +27,9 @@ SHAPES: Dict[str, Shape] = {
     # non-ARMT memory: a gated slot memory per layer (family model, swiglu, rmsnorm, rope)
     "small-gated": Shape("small-gated", 256, 8, 4, intermediate_size=512, model="gated"),
     "small": Shape("small", 256, 8, 4),
+    # more non-ARMT kinds of the family model, the same sizes as small-gated
+    "small-assoc": Shape("small-assoc", 256, 8, 4, intermediate_size=512, model="associative"),
+    "small-linear": Shape("small-linear", 256, 8, 4, intermediate_size=512, model="linear_attention"),
     "medium": Shape("medium", 512, 12, 8),
     # LLaMA-3.2-1B-like: d=2048, L=16, GQA 32/8, ffn 8192
     "llama1b": Shape("llama1b", 2048, 16, 32, 8, 8192, vocab_size=32000, d_mem=64, gpu_only=True),
@@ -99,6 +102,10 @@ CONFIGS: Dict[str, Config] = {c.name: c for c in [
     Config("sweep-b4", "issue 16 sweep: small ARMT-LLaMA, batch 4", "small", (64,), 16, (8,), batch=4),
     Config("sweep-gated", "issue 16 sweep: non-ARMT gated slot memory d=256 L=8, 64+16, S=8",
            "small-gated", (64,), 16, (8,)),
+    Config("sweep-assoc", "issue 16 sweep: associative family memory d=256 L=8, 64+16, S=16",
+           "small-assoc", (64,), 16, (16,)),
+    Config("sweep-linear", "issue 16 sweep: linear-attention family memory d=256 L=8, 64+16, S=16",
+           "small-linear", (64,), 16, (16,)),
     Config("medium", "medium ARMT-LLaMA d=512 L=12, 64+16", "medium", (64,), 16, (2, 4)),
     Config("llama1b", "LLaMA-1B shape d=2048 L=16 GQA 32/8 ffn 8192, 1024+128 (GPU only)",
            "llama1b", (1024,), 128, (4, 8, 16)),

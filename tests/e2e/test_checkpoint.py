@@ -129,3 +129,41 @@ def test_checkpointed_graphs_compile_whole_not_as_wavefront_steps(caplog):
         _saved_bytes(Net(use_checkpoint=True), _x())
     assert diagpass.reports()[-1].wavefront_steps is None
     assert "the batched graph compiles whole, not wavefront by wavefront: torch.utils.checkpoint regions" in caplog.text
+
+
+def _second_count_saved_bytes(model, segments=(S, S + 3)) -> int:
+    """Bytes saved for backward on a second segment count (Dynamo's graph dynamic, specialised)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="diagonal", options={"inner": "aot_eager", "cost_model": False})
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    for n in segments:
+        x = torch.randn(2, n * SEG, D, generator=torch.Generator().manual_seed(n), requires_grad=True)
+        total[0] = 0
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = compiled(x)
+        out.sum().backward()
+    assert any(r.batched and r.num_segments == segments[-1] for r in diagpass.reports())
+    return total[0]
+
+
+def test_a_second_segment_count_of_checkpointed_cells_still_recomputes_with_exact_gradients():
+    """The static graph of the second count inlines the checkpoint bodies with their tags too."""
+    from diagpass.testing import gradients
+
+    torch.manual_seed(0)
+    plain, checkpointed = Net(use_checkpoint=False), Net(use_checkpoint=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    saved_plain, saved_ckpt = _second_count_saved_bytes(plain), _second_count_saved_bytes(checkpointed)
+    assert saved_ckpt < 0.7 * saved_plain, (saved_ckpt, saved_plain)
+    assert diagpass.counters["specialize"]["graphs_compiled"] == 2  # one per model
+    x = torch.randn(2, (S + 3) * SEG, D, generator=torch.Generator().manual_seed(S + 3))
+    compiled = torch.compile(checkpointed, backend="diagonal", options={"inner": "aot_eager", "cost_model": False})
+    compiled(torch.randn(2, S * SEG, D))
+    got, want = gradients(compiled, checkpointed, x), gradients(checkpointed, checkpointed, x)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5)
