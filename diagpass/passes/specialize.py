@@ -179,12 +179,7 @@ def _reads_tensors(n: fx.Node) -> bool:
 
 def _is_symbolic(value) -> bool:
     leaves, _ = tree_flatten(value)
-    for v in leaves:
-        if isinstance(v, SYMBOLIC):
-            return True
-        if isinstance(v, torch.Tensor) and any(True for _ in _symbolic_fields(0, v)):
-            return True
-    return False
+    return any(next(_symbolic_fields(0, v), None) is not None for v in leaves)
 
 
 def _symbolic_fields(i: int, value):
@@ -201,14 +196,18 @@ def _symbolic_fields(i: int, value):
 def concrete(args: Sequence) -> list:
     """The backend's example inputs as a call passes them: Dynamo gives a number it
     kept symbolic as a SymInt; its hint is the call's value (read without a guard)."""
-    return [a.node.hint if isinstance(a, SYMBOLIC) else a for a in args]
+    return [_hint(a) for a in args]
+
+
+def _hint(a):
+    return a.node.hint if isinstance(a, SYMBOLIC) else a
 
 
 def _read(args: Sequence, src: Source):
     i, kind, d = src
     a = args[i]
     if kind == "int":
-        return a.node.hint if isinstance(a, SYMBOLIC) else a
+        return _hint(a)
     if kind == "size":
         return a.shape[d]
     if kind == "stride":
