@@ -3,6 +3,7 @@
     prepare       inline_subgraphs, functionalize, see_through,   the graph normalised
                   autocast (drop, lift), grad_mode
     partition     FX nodes -> cells (segment, layer) or glue      CellGrid
+    complete      last-segment cells given their dead outputs     CellGrid (a copy)
     cost          weight bytes a call copies vs matmul FLOPs      BatchingCost
     dependence    the cell DAG and its dependence vectors         CellGraph
     schedule      wavefronts, groups, closed form                 Schedule
@@ -57,6 +58,7 @@ from diagpass.passes.dependence import build_cell_graph
 from diagpass.passes.functionalize import functionalize
 from diagpass.passes.grad_mode import detach_no_grad_regions, has_grad_mode_switches
 from diagpass.passes.inline_subgraphs import has_subgraph_calls, inline_subgraphs
+from diagpass.passes.complete_cells import complete_cells
 from diagpass.passes.partition import partition
 from diagpass.passes.schedule import cells_partly_in_autocast, schedule
 from diagpass.passes.segment_steps import segment_steps
@@ -128,7 +130,7 @@ def run(gm: fx.GraphModule, options: Options, example_inputs=None) -> Plan:
     t0 = time.perf_counter()
     with _gc_paused(), _fallback(st):
         prepared, st.writes_functionalized = prepare(gm, options)
-        st.grid = check_stage("partition", partition(prepared))
+        st.grid = check_stage("partition", complete_cells(check_stage("partition", partition(prepared))))
         st.cost = estimate_cost(st.grid)
         st.cell_graph = check_stage("dependence", build_cell_graph(st.grid), st.grid)
         st.schedule = check_stage("schedule", schedule(st.grid, st.cell_graph), st.grid, st.cell_graph)

@@ -30,10 +30,12 @@ def dynamo_graphs(model, *calls, kwargs=None):
 
 
 def middle_cells_that_batch(num_segments: int, num_layers: int) -> Set[Tuple[int, int]]:
-    """Cells of segments 1..S-2 (structurally identical: they read and write
-    memory) that share their wavefront with another such cell. Segment 0 (no
-    read) and the last segment (no write: dead code) form their own groups."""
-    middle = [(s, l) for s in range(1, num_segments - 1) for l in range(num_layers)]
+    """Cells of segments 1..S-1 that share their wavefront with another such cell: the
+    middle segments read and write memory; the last one's write is dead, and
+    ``passes/complete_cells.py`` gives it the middle cells' outputs (from S = 3 on: its
+    neighbour must be a middle cell). Segment 0 (no read) forms its own groups."""
+    last = num_segments if num_segments >= 3 else num_segments - 1
+    middle = [(s, l) for s in range(1, last) for l in range(num_layers)]
     by_wave = {}
     for s, l in middle:
         by_wave.setdefault(s + l, []).append((s, l))

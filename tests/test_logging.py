@@ -52,10 +52,10 @@ def test_torch_logs_diagpass_gives_the_report_at_info():
     proc = _run(TINY.format(root=ROOT), TORCH_LOGS="diagpass")
     lines = _info_lines(proc.stderr)
     text = "\n".join(lines)
-    assert "5 segments x 3 layers = 15 cells, 7 wavefronts (closed form L + S - 1), 9 groups" in text
-    assert "groups per wavefront (cells in each, * = batched): 1 | 2* | 3* | 3* | 1 2* | 1 1 | 1" in text
-    assert "batched: 4 groups, 10 cells" in text
-    assert "5 groups run cell by cell: fewer than min_group=2" in text
+    assert "5 segments x 3 layers = 15 cells, 7 wavefronts (closed form L + S - 1), 7 groups" in text
+    assert "groups per wavefront (cells in each, * = batched): 1 | 2* | 3* | 3* | 3* | 2* | 1" in text
+    assert "batched: 5 groups, 13 cells" in text
+    assert "2 groups run cell by cell: fewer than min_group=2" in text
     assert "cost: copying" in text
     assert "timings: passes" in text and "inner" in text
     assert "[0/0]" in lines[0]  # torch's prefix: the compile id

@@ -48,8 +48,8 @@ def test_plot_writes_a_png_of_the_grid(tmp_path):
     assert grid.shape == (5, 3)
     assert [[int(v) for v in row] for row in grid] == [[s + l for l in range(3)] for s in range(5)]
     outlined = [p for p in ax.patches if p.get_edgecolor()[:3] == (0.0, 0.0, 0.0)]
-    assert len(outlined) == sum(len(g) for g in report.batched_groups) == 10
-    assert "4 batched groups (10 cells)" in ax.get_title()
+    assert len(outlined) == sum(len(g) for g in report.batched_groups) == 13
+    assert "5 batched groups (13 cells)" in ax.get_title()
 
 
 def test_diagonal_report_plots_its_main_graph(tmp_path):

@@ -42,13 +42,16 @@ def test_weights_stored_stacked_are_read_as_stacks_on_every_segment_count(form):
     model = _armt(stacked=False) if form == "armt" else research_shape(form)
     diagpass.stack_weights_(model.layers)
     compiled = torch.compile(model, backend="diagonal", options={"inner": "aot_eager"})
+    outs = []
     with torch.no_grad():
         for S in (5, 8, 11, 8):
-            assert_matches_eager(model, compiled(steps_ids(S)), steps_ids(S))
+            outs.append((compiled(steps_ids(S)), steps_ids(S)))
             assert diagpass.reports()[-1].batched
     c = diagpass.counters["stacked_weights"]
     assert c["view_calls"] == 4 and c["stacked_graphs_compiled"] == 3 and c.get("copying_calls", 0) == 0
     assert diagpass.counters["specialize"]["graphs_compiled"] == (0 if form == "armt" else 2)  # S=8 and S=11
+    for out, ids in outs:  # after the counts: beyond 1e-5 the check compiles a reference of its own
+        assert_matches_eager(model, out, ids)
 
 
 @pytest.mark.parametrize("shape", ["family", "official"])

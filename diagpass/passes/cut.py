@@ -36,7 +36,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from diagpass.counters import counters
 from diagpass.fx_facts import example_value, graph_structure
-from diagpass.ir.meta import AUTOCAST
+from diagpass.ir.meta import AUTOCAST, REPLACES
 from diagpass.passes.autocast import restore_autocast_regions
 
 PROLOGUE, EPILOGUE = -1, 1 << 30
@@ -191,7 +191,9 @@ def _region(gm: fx.GraphModule, nodes: List[fx.Node]) -> Tuple[fx.GraphModule, l
             if a not in inside:
                 read(a)
         env[n] = g.node_copy(n, env.__getitem__)
-    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+    # a group's unpacked output nobody reads leaves the step too: it is a view of the group's
+    # output, alive anyway, and the last segment's wavefronts are then the middle ones' structure
+    outputs = [n for n in nodes if any(u not in inside for u in n.users) or (REPLACES in n.meta and not n.users)]
     for o in outputs:
         _require_tensor(o)
     g.output(tuple(env[o] for o in outputs))

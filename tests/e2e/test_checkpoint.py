@@ -165,5 +165,5 @@ def test_a_second_segment_count_of_checkpointed_cells_still_recomputes_with_exac
     compiled = torch.compile(checkpointed, backend="diagonal", options={"inner": "aot_eager", "cost_model": False})
     compiled(torch.randn(2, S * SEG, D))
     got, want = gradients(compiled, checkpointed, x), gradients(checkpointed, checkpointed, x)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5)
+    for name in want:  # a weight's gradient sums over its cells, batched in another order
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=5e-5)

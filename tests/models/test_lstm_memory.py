@@ -23,11 +23,11 @@ S, L, SEG, D = 5, 3, 4, 8
 
 
 def _expected_batched_groups(num_segments, num_layers):
-    """Anti-diagonal groups of segments 0..S-2 (segment S-1's state write is
-    dead, so its cells differ), two or more cells each."""
+    """Anti-diagonal groups of every segment, two or more cells each (segment S-1's
+    state write is dead; passes/complete_cells.py gives it the middle cells' outputs)."""
     groups = []
     for t in range(num_segments + num_layers - 1):
-        cells = [(t - l, l) for l in range(num_layers) if 0 <= t - l < num_segments - 1]
+        cells = [(t - l, l) for l in range(num_layers) if 0 <= t - l < num_segments]
         if len(cells) >= 2:
             groups.append(sorted(cells))
     return groups

@@ -95,8 +95,8 @@ def test_horizontal_shape_exact(num_segments, extra):
 def test_horizontal_shape_batched(num_segments):
     """Layer-major: each layer is one run of the graph; partition splits it by
     the calls of the layer's block. Dependence as segment-major ARMT, so the
-    same wavefronts and the same group sizes (segment 0: no read; last
-    segment: no write)."""
+    same wavefronts and the same group sizes (segment 0: no read; the last
+    segment's dead write is given back, passes/complete_cells.py, so it joins)."""
     model = build_official_shape("horizontal", num_layers=L, segment_size=SEG)
     ids = _ids(num_segments, seed=1)
     with torch.no_grad():
@@ -105,8 +105,8 @@ def test_horizontal_shape_batched(num_segments):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     _assert_batched_diagonally(report, num_segments)
     assert report.dependence_vectors == [(0, 1), (1, 0)]
-    middle = [[3]] * (num_segments - 4)  # t = 3 .. S-2: three middle cells
-    assert [[len(g) for g in w] for w in report.groups] == [[1], [1, 1], [2, 1], *middle, [1, 2], [1, 1], [1]]
+    middle = [[3]] * (num_segments - 3)  # t = 3 .. S-1: three middle (or last-segment) cells
+    assert [[len(g) for g in w] for w in report.groups] == [[1], [1, 1], [2, 1], *middle, [2], [1]]
 
 
 def test_attribute_memory_shape_with_a_padding_mask_exact_and_batched():

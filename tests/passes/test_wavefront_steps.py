@@ -1,6 +1,6 @@
 """wavefront_steps: the batched graph as one call per wavefront. The cut graph must compute
-the lowered batched graph bit for bit, and the steady wavefronts (no first- or last-segment
-cell in them) must share one structure, so that the distinct steps follow L, not S."""
+the lowered batched graph bit for bit, and the steady wavefronts (no first-segment cell,
+all L layers) must share one structure, so that the distinct steps follow L, not S."""
 
 import operator
 
@@ -40,11 +40,12 @@ def test_armt_steady_wavefronts_share_one_structure(S):
     gm, inputs, steps, why = _cut(_armt(L), torch.randint(0, 128, (1, 8 * S)))
     assert why == "" and steps.num_steps == S + L - 1
     structures = _structures(steps)
-    # wavefronts L .. S-2 hold neither a first- nor a last-segment cell: one structure
-    assert len(set(structures[L:S - 1])) == 1
-    # the ramps: L wavefronts up (the first segment's cells), L down (the last segment's)
-    assert steps.num_structures == 2 * L + 1
-    assert len(set(structures[:L] + structures[S - 1:])) == 2 * L
+    # wavefronts L .. S-1 hold no first-segment cell and all L layers: one structure (the
+    # last segment's cells are the middle ones', passes/complete_cells.py)
+    assert len(set(structures[L:S])) == 1
+    # the ramps: L wavefronts up (the first segment's cells), L - 1 down (fewer layers)
+    assert steps.num_structures == 2 * L
+    assert len(set(structures[:L] + structures[S:])) == 2 * L - 1
     assert_same_outputs(gm, steps.gm, inputs)
 
 
@@ -92,7 +93,7 @@ def test_autocast_regions_are_cut_with_the_wavefronts():
     the steady wavefronts still one structure."""
     S, L = 6, 3
     gm, inputs, steps, why = _cut(Autocast(_armt(L)), torch.randint(0, 128, (1, 8 * S)))
-    assert why == "" and steps.num_steps == S + L - 1 and steps.num_structures == 2 * L + 1
+    assert why == "" and steps.num_steps == S + L - 1 and steps.num_structures == 2 * L
     for n in steps.gm.graph.nodes:
         if n.op == "call_module":
             sub = steps.gm.get_submodule(n.target)

@@ -52,4 +52,4 @@ def test_armt_check_runs_only_new_nodes():
     c = diagpass.counters["check"]
     # glue and the unbatched cells are reused; what runs is the batched calls,
     # their stacks and getitems, and the output
-    assert c["fake_check_nodes_reused"] > 3 * c["fake_check_nodes_run"] > 0
+    assert c["fake_check_nodes_reused"] > 1.5 * c["fake_check_nodes_run"] > 0

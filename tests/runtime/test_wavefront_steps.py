@@ -19,14 +19,15 @@ def test_inference_batches_and_compiles_each_distinct_wavefront_once():
     mark = report_count()
     assert_equivalent(steps_armt(), steps_ids(7), options=BATCHED)  # expect_batched: groups of 2 or more ran
     (report,) = reports_since(mark)
-    assert report.wavefront_steps == {"steps": 9, "structures": 7}  # wavefronts 3..5: one structure
+    # wavefronts 3..6 (the last segment entering at 6): one structure (passes/complete_cells.py)
+    assert report.wavefront_steps == {"steps": 9, "structures": 6}
     c = diagpass.counters["wavefront_steps"]
-    assert c["steps_compiled"] == 7 and c["step_cache_hits"] == 2 and c["calls_uncompiled"] == 0
+    assert c["steps_compiled"] == 6 and c["step_cache_hits"] == 3 and c["calls_uncompiled"] == 0
 
 
 def test_gradients_flow_through_every_wavefront():
     assert_equivalent(steps_armt(), steps_ids(6), options=BATCHED, grads=True)
-    assert diagpass.counters["wavefront_steps"]["steps_compiled"] == 7
+    assert diagpass.counters["wavefront_steps"]["steps_compiled"] == 6
 
 
 def test_the_option_off_compiles_the_batched_graph_whole():
@@ -44,7 +45,7 @@ def test_a_new_segment_count_compiles_only_the_wavefronts_it_has_not_met():
         first = diagpass.counters["wavefront_steps"]["steps_compiled"]
         assert_matches_eager(model, compiled(steps_ids(9)), steps_ids(9))  # Dynamo recompiles, sizes symbolic
     c = diagpass.counters["wavefront_steps"]
-    assert first == 7 and c["steps_compiled"] == first  # every wavefront of S=9 was met at S=7
+    assert first == 6 and c["steps_compiled"] == first  # every wavefront of S=9 was met at S=7
     assert c["graphs_compiled_whole"] == 0  # a hit passes the site's own tensors to the kernel
 
 
@@ -70,7 +71,7 @@ def test_a_model_under_autocast_batches_as_wavefront_steps_and_matches_eager():
     mark = report_count()
     assert_equivalent(Autocast(steps_armt()), steps_ids(6), options=BATCHED, expect_batched=True, rtol=2e-2, atol=2e-2)
     (report,) = reports_since(mark)
-    assert report.wavefront_steps == {"steps": 8, "structures": 7}
+    assert report.wavefront_steps == {"steps": 8, "structures": 6}
     assert diagpass.counters["wavefront_steps"]["graphs_compiled_whole"] == 0
 
 
@@ -84,14 +85,16 @@ def test_a_second_segment_count_of_research_shapes_compiles_no_new_step(form):
     S=8 was met at S=5."""
     model = research_shape(form)
     compiled = torch.compile(model, backend="diagonal", options=BATCHED)
-    mark = report_count()
+    reports = []
     with torch.no_grad():
         for S in (5, 8):
             ids = torch.randint(0, 128, (1, 8 * S), generator=torch.Generator().manual_seed(S))
-            assert_matches_eager(model, compiled(ids), ids)
+            mark = report_count()
+            out = compiled(ids)
+            reports += reports_since(mark)  # before the check: it may compile a reference of its own
+            assert_matches_eager(model, out, ids)
             if S == 5:
                 first = diagpass.counters["wavefront_steps"]["steps_compiled"]
-    reports = reports_since(mark)
     assert [r.wavefront_steps["steps"] for r in reports] == [7, 10]  # both graphs cut, both batched
     c = diagpass.counters["wavefront_steps"]
     assert c["steps_compiled"] == first and c["graphs_compiled_whole"] == 0
@@ -102,7 +105,7 @@ def test_inductor_wavefront_steps_match_eager_in_inference_and_training():
     options = {**BATCHED, "inner": "inductor"}
     c = diagpass.counters["wavefront_steps"]
     assert_equivalent(steps_armt(), steps_ids(6), options=options)
-    assert c["steps_compiled"] == 7 and c["steps_cpp_wrapper"] == 7  # the C++ wrapper, on the CPU
+    assert c["steps_compiled"] == 6 and c["steps_cpp_wrapper"] == 6  # the C++ wrapper, on the CPU
     assert_equivalent(steps_armt(), steps_ids(6), options=options, grads=True)
-    assert c["steps_compiled"] == 14 and c["steps_cpp_wrapper"] == 14  # grad mode is in the key
+    assert c["steps_compiled"] == 12 and c["steps_cpp_wrapper"] == 12  # grad mode is in the key
     assert c["steps_cpp_wrapper_failed"] == 0 and c["graphs_compiled_whole"] == 0
