@@ -29,12 +29,13 @@ def dynamo_graphs(model, *calls, kwargs=None):
     return captured
 
 
-def middle_cells_that_batch(num_segments: int, num_layers: int) -> Set[Tuple[int, int]]:
+def middle_cells_that_batch(num_segments: int, num_layers: int, last_joins: bool = True) -> Set[Tuple[int, int]]:
     """Cells of segments 1..S-1 that share their wavefront with another such cell: the
     middle segments read and write memory; the last one's write is dead, and
     ``passes/complete_cells.py`` gives it the middle cells' outputs (from S = 3 on: its
-    neighbour must be a middle cell). Segment 0 (no read) forms its own groups."""
-    last = num_segments if num_segments >= 3 else num_segments - 1
+    neighbour must be a middle cell; not when it is shorter, ``last_joins=False``).
+    Segment 0 (no read) forms its own groups."""
+    last = num_segments if num_segments >= 3 and last_joins else num_segments - 1
     middle = [(s, l) for s in range(1, last) for l in range(num_layers)]
     by_wave = {}
     for s, l in middle:

@@ -191,9 +191,7 @@ def _region(gm: fx.GraphModule, nodes: List[fx.Node]) -> Tuple[fx.GraphModule, l
             if a not in inside:
                 read(a)
         env[n] = g.node_copy(n, env.__getitem__)
-    # a group's unpacked output nobody reads leaves the step too: it is a view of the group's
-    # output, alive anyway, and the last segment's wavefronts are then the middle ones' structure
-    outputs = [n for n in nodes if any(u not in inside for u in n.users) or (REPLACES in n.meta and not n.users)]
+    outputs = [n for n in nodes if any(u not in inside for u in n.users) or _unread_row_of_a_read_stack(n)]
     for o in outputs:
         _require_tensor(o)
     g.output(tuple(env[o] for o in outputs))
@@ -201,6 +199,17 @@ def _region(gm: fx.GraphModule, nodes: List[fx.Node]) -> Tuple[fx.GraphModule, l
     restore_autocast_regions(sub)  # a region the cut splits is entered again in every step it spans
     sub.meta["structure"] = graph_structure(sub)
     return sub, inputs, outputs
+
+
+def _unread_row_of_a_read_stack(n: fx.Node) -> bool:
+    """A group's unpacked output nobody reads whose stacked output is read elsewhere (a
+    last-segment cell's memory update, ``passes/complete_cells.py``): returned too, it is
+    a view of a buffer computed anyway, and the wavefront where the last segment enters
+    is then the steady one's structure. A stack nobody reads is left for the compiler to drop."""
+    if REPLACES not in n.meta or n.users or n.target is not operator.getitem:
+        return False
+    stack = n.args[0]
+    return isinstance(stack, fx.Node) and any(row.users for row in stack.users)
 
 
 def _require_value(n: fx.Node) -> None:

@@ -36,7 +36,7 @@ def _check(arch, segments, batch, partial, inner="eager"):
     assert (graph.num_segments, graph.num_layers) == (segments, L)
     assert graph.num_wavefronts == segments + L - 1
     assert graph.wavefronts == anti_diagonals(segments, L)
-    expected = middle_cells_that_batch(segments, L)
+    expected = middle_cells_that_batch(segments, L, last_joins=not partial)  # a shorter last segment differs
     got = {c for g in graph.batched_groups for c in g}
     assert got == expected
     assert diagpass.counters["batch"]["cells"] == len(expected)
