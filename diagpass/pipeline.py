@@ -3,7 +3,7 @@
     prepare       inline_subgraphs, functionalize, see_through,   the graph normalised
                   autocast (drop, lift), grad_mode
     partition     FX nodes -> cells (segment, layer) or glue      CellGrid
-    complete      last-segment cells given their dead outputs     CellGrid (a copy)
+    complete      last-segment cells given their dead outputs     CellGrid (new cells)
     cost          weight bytes a call copies vs matmul FLOPs      BatchingCost
     dependence    the cell DAG and its dependence vectors         CellGraph
     schedule      wavefronts, groups, closed form                 Schedule

@@ -16,7 +16,7 @@ Before (segment 2 of 3, one layer; ``k2``/``m2`` were dead)::
     cell (1, 0): h1 = attn(x1, m0);  k1 = linear(h1, W_k);  m1 = add(m0, k1)
     cell (2, 0): h2 = attn(x2, m1)
 
-After (on a copy of the graph)::
+After (on a copy of the graph; where no node is missing, only the cell's outputs change)::
 
     cell (1, 0): h1 = attn(x1, m0);  k1 = linear(h1, W_k);  m1 = add(m0, k1)
     cell (2, 0): h2 = attn(x2, m1);  k2 = linear(h2, W_k);  m2 = add(m1, k2)   # m2: no users
@@ -46,7 +46,8 @@ _Completion = Tuple[List[Tuple[fx.Node, Optional[fx.Node]]], Dict[fx.Node, fx.No
 
 
 def complete_cells(grid: CellGrid) -> CellGrid:
-    """``grid`` itself when no cell is completed; else a new grid over a copy of its graph."""
+    """``grid`` itself when no cell is completed; else a new grid (over a copy of its graph
+    where nodes are added)."""
     last = grid.num_segments - 1
     found: Dict[Tuple[int, int], Tuple[Cell, _Completion]] = {}
     for layer in range(grid.num_layers):
@@ -141,9 +142,13 @@ def _match(r: fx.Node, c: fx.Node, env, ref_nodes, ref_inputs, mine) -> Optional
 
 
 def _rebuild(grid: CellGrid, found) -> CellGrid:
-    """The grid over a copy of its graph, each found cell with its extras inserted in
-    ``ref``'s order (each right after the node it follows there)."""
-    gm, new = copy_graph_module(grid.gm)
+    """New cells, each found cell with its extras inserted in ``ref``'s order (each right
+    after the node it follows there), over a copy of the graph where one has extras (else
+    over the same graph, unchanged: only the cells' outputs differ)."""
+    if any(extras for _, (extras, _) in found.values()):
+        gm, new = copy_graph_module(grid.gm)
+    else:
+        gm, new = grid.gm, _Identity()
     nodes = {cid: [new[n] for n in c.nodes] for cid, c in grid.cells.items()}
     outputs = {cid: [new[o] for o in c.outputs] for cid, c in grid.cells.items()}
     for cid, (ref, (extras, env)) in found.items():
@@ -176,9 +181,14 @@ def _grid(grid: CellGrid, gm: fx.GraphModule, new, nodes, outputs) -> CellGrid:
         cell.finalize()
         cell.outputs = outputs[cid]  # a completed cell's extra outputs have no users, yet are its outputs
     cell_of = {n: cid for cid, c in cells.items() for n in c.nodes}
-    gm.graph.lint()
-    gm.recompile()
+    if gm is not grid.gm:
+        gm.recompile()  # the inserted nodes
     return CellGrid(gm, stack, cells, [new[n] for n in grid.glue], cell_of, grid.num_segments)
+
+
+class _Identity(dict):
+    def __missing__(self, node):
+        return node
 
 
 def _fresh(v):
