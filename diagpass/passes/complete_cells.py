@@ -40,9 +40,8 @@ from diagpass.ir.cells import Cell, CellGrid, LayerStack
 from diagpass.ir.meta import AUTOCAST
 from diagpass.passes.schedule import cell_constants, cell_signature
 
-# R's extra nodes, in order, each with the C node it follows (None: before C's first node),
-# and R's nodes and inputs -> C's
-_Completion = Tuple[List[Tuple[fx.Node, Optional[fx.Node]]], Dict[fx.Node, fx.Node]]
+# R's extra nodes, in order, and R's matched nodes and inputs -> C's
+_Completion = Tuple[List[fx.Node], Dict[fx.Node, fx.Node]]
 
 
 def complete_cells(grid: CellGrid) -> CellGrid:
@@ -78,22 +77,22 @@ def _embed(cell: Cell, ref: Cell, grid: CellGrid) -> Optional[_Completion]:
     """Match ``cell``'s nodes, in order, to a subsequence of ``ref``'s; the rest are extras."""
     env: Dict[fx.Node, fx.Node] = {}
     ref_nodes, ref_inputs, mine = set(ref.nodes), set(ref.inputs), set(cell.inputs)
-    extras: List[Tuple[fx.Node, Optional[fx.Node]]] = []
-    j, anchor = 0, None
+    extras: List[fx.Node] = []
+    j = 0
     for r in ref.nodes:
         binding = _match(r, cell.nodes[j], env, ref_nodes, ref_inputs, mine) if j < len(cell.nodes) else None
         if binding is not None:
             env.update(binding)
             env[r] = cell.nodes[j]
-            anchor, j = cell.nodes[j], j + 1
+            j += 1
         else:
-            extras.append((r, anchor))
+            extras.append(r)
     if j < len(cell.nodes):
         return None
     if not set(cell.outputs) <= {env[o] for o in ref.outputs if o in env}:
         return None  # a value leaving the cell that leaves its neighbour from elsewhere
-    extra = {r for r, _ in extras}
-    for r, _ in extras:
+    extra = set(extras)
+    for r in extras:
         for a in r.all_input_nodes:
             if a not in env and a not in extra and not _layer_free(a, cell.layer, grid.stack):
                 return None  # another segment's value: it would add a dependence
@@ -152,7 +151,7 @@ def _rebuild(grid: CellGrid, found) -> CellGrid:
     nodes = {cid: [new[n] for n in c.nodes] for cid, c in grid.cells.items()}
     outputs = {cid: [new[o] for o in c.outputs] for cid, c in grid.cells.items()}
     for cid, (ref, (extras, env)) in found.items():
-        extra = {r for r, _ in extras}
+        extra = set(extras)
         first = nodes[cid][0]
         copies: Dict[fx.Node, fx.Node] = {}
         order: List[fx.Node] = []
