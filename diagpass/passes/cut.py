@@ -205,9 +205,13 @@ def _unread_row_of_a_read_stack(n: fx.Node) -> bool:
     """A group's unpacked output nobody reads whose stacked output is read elsewhere (a
     last-segment cell's memory update, ``passes/complete_cells.py``): returned too, it is
     a view of a buffer computed anyway, and the wavefront where the last segment enters
-    is then the steady one's structure. A stack nobody reads is left for the compiler to drop."""
+    is then the steady one's structure (in inference: with gradients, a parameter only that
+    write reads would get a zero gradient instead of None). A stack nobody reads is left
+    for the compiler to drop."""
     if REPLACES not in n.meta or n.users or n.target is not operator.getitem:
         return False
+    if getattr(n.meta[REPLACES], "requires_grad", False):
+        return False  # a step output would get a gradient (zeros) where eager's parameters get none
     stack = n.args[0]
     return isinstance(stack, fx.Node) and any(row.users for row in stack.users)
 

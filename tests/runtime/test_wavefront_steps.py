@@ -27,7 +27,9 @@ def test_inference_batches_and_compiles_each_distinct_wavefront_once():
 
 def test_gradients_flow_through_every_wavefront():
     assert_equivalent(steps_armt(), steps_ids(6), options=BATCHED, grads=True)
-    assert diagpass.counters["wavefront_steps"]["steps_compiled"] == 6
+    # with gradients the last segment's unread memory write is not a step output (it would give
+    # a parameter only it reads a zero gradient, not None): its entering wavefront stays apart
+    assert diagpass.counters["wavefront_steps"]["steps_compiled"] == 7
 
 
 def test_the_option_off_compiles_the_batched_graph_whole():
@@ -107,5 +109,5 @@ def test_inductor_wavefront_steps_match_eager_in_inference_and_training():
     assert_equivalent(steps_armt(), steps_ids(6), options=options)
     assert c["steps_compiled"] == 6 and c["steps_cpp_wrapper"] == 6  # the C++ wrapper, on the CPU
     assert_equivalent(steps_armt(), steps_ids(6), options=options, grads=True)
-    assert c["steps_compiled"] == 12 and c["steps_cpp_wrapper"] == 12  # grad mode is in the key
+    assert c["steps_compiled"] == 13 and c["steps_cpp_wrapper"] == 13  # grad mode is in the key (7 with grads)
     assert c["steps_cpp_wrapper_failed"] == 0 and c["graphs_compiled_whole"] == 0
