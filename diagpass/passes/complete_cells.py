@@ -1,12 +1,13 @@
-"""complete_cells: the last segment's cells given back the dead state update Dynamo dropped.
+"""complete_cells: the last segment's cells given the outputs of their middle neighbours.
 
 Eager runs every segment's memory update, the last one's too, and discards the
-last. Dynamo drops those dead nodes, so a last-segment cell is its middle
-neighbour's subgraph minus a tail: it has a signature of its own, never joins
+last. Dynamo keeps those dead nodes, so a last-segment cell differs from its
+middle neighbour only in which values leave it (where a pass dropped them, also
+by a missing tail): it has a signature of its own, never joins
 the middle segments' group, and every wavefront holding it is a structure of its
 own (a new segment count then meets new ones, ``runtime/segment_steps.py``).
-Here each such cell gets the missing nodes back, copied from the cell of the
-same layer one segment earlier; they read only the cell's own values, its
+Here each such cell gets its neighbour's outputs, and any missing nodes back,
+copied from the cell of the same layer one segment earlier; they read only the cell's own values, its
 layer's parameters and graph inputs, and nothing reads them. The cell's live
 values are still computed by its own nodes, so nothing it returns changes; with
 the signature of its neighbour it batches with it.
@@ -172,8 +173,9 @@ def _rebuild(grid: CellGrid, found) -> CellGrid:
 
 def _grid(grid: CellGrid, gm: fx.GraphModule, new, nodes, outputs) -> CellGrid:
     stack = grid.stack
-    stack = LayerStack(stack.num_layers, list(stack.prefixes), {new[n]: v for n, v in stack.param_layer.items()},
-                       {new[n]: v for n, v in stack.param_role.items()})
+    if gm is not grid.gm:  # the copy's placeholders
+        stack = LayerStack(stack.num_layers, list(stack.prefixes), {new[n]: v for n, v in stack.param_layer.items()},
+                           {new[n]: v for n, v in stack.param_role.items()})
     cells: Dict[Tuple[int, int], Cell] = {}
     for cid in grid.cells:
         cell = cells[cid] = Cell(*cid, nodes=nodes[cid])
