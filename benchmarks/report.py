@@ -50,6 +50,15 @@ def bound_share(t_seq, t_mode, t_bound):
     return (t_seq - t_mode) / (t_seq - t_bound)
 
 
+def paired_speedup(seq: dict, mode: dict):
+    """Median over rounds of the same-round ratio t_seq / t_mode (None without samples)."""
+    rs, ms = seq.get("samples_ms"), mode.get("samples_ms")
+    if not rs or not ms:
+        return None
+    pr = sorted(x / y for x, y in zip(rs, ms))
+    return pr[len(pr) // 2]
+
+
 def _share_text(name: str, modes: dict) -> str:
     if name in NOT_SCHEDULES:
         return ""
@@ -99,10 +108,9 @@ def markdown(results: List[dict], meta: dict) -> str:
                 dtxt += f" (measured: runs {measured.get('chose', '?')})"
             dtxt = dtxt or _fusion_text(m)
             sp = f"{ref / m['median_ms']:.2f}x" if ref and m.get("median_ms") else "—"
-            rs = modes.get("inductor", {}).get("samples_ms")
-            if rs and m.get("samples_ms") and name != "inductor":  # same-round pairs
-                pr = sorted(x / y for x, y in zip(rs, m["samples_ms"]))
-                sp += f" (paired {pr[len(pr) // 2]:.2f}x)"
+            pr = paired_speedup(modes.get("inductor", {}), m) if name != "inductor" else None
+            if pr is not None:
+                sp += f" (paired {pr:.2f}x)"
             tensors, rss = (_vs(m.get(k), ref_seq.get(k)) for k in ("tensor_peak_mb", "steady_hwm_mb"))
             lines.append(
                 f"| {r['label']} | {MODE_NAMES.get(name, name)} | {_f(m.get('median_ms'))} | {_f(m.get('min_ms'))} | "
