@@ -74,7 +74,7 @@ def markdown(all_rows: List[dict]) -> str:
     fast = sum(r["speedup"] >= 1.0 for r in all_rows)
     peaks = [r for r in all_rows if r["peak"] is not None]
     lean = sum(r["peak"] <= 1.1 for r in peaks)
-    lines += ["", f"{len(all_rows)} points: defaults >= 1.0x sequential Inductor (median) on {fast}; "
+    lines += ["", f"{len(all_rows)} rows: defaults >= 1.0x sequential Inductor (median) on {fast}; "
                   f"peak tensors <= 1.1x on {lean} of the {len(peaks)} with memory measured"]
     return "\n".join(lines)
 

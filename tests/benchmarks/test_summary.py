@@ -35,5 +35,5 @@ def test_rows_read_the_defaults_against_sequential_inductor(tmp_path):
     assert b["share"] is None and b["bound"] is None
     text = summary.markdown(rows)
     assert "**1.053x** (1.053x)" in text and "**0.999x**" in text  # parity is not rounded up to 1.00x
-    assert text.splitlines()[-1] == ("2 points: defaults >= 1.0x sequential Inductor (median) on 1; "
+    assert text.splitlines()[-1] == ("2 rows: defaults >= 1.0x sequential Inductor (median) on 1; "
                                      "peak tensors <= 1.1x on 1 of the 2 with memory measured")
