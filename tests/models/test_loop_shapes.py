@@ -7,6 +7,7 @@ import torch
 
 import diagpass
 from diagpass.models.family import FamilyConfig, build_family_model
+from diagpass.testing import assert_matches_eager
 
 OPTIONS = {"inner": "eager", "cost_model": False}
 S, L, SEG = 5, 3, 8
@@ -72,10 +73,10 @@ def test_stacked_memory_is_per_layer_not_rmt(kind):
     dependence is (1, 0), not an RMT-style (1, 1-L) through the stack."""
     model = build_family_model(FamilyConfig(memory_kind=kind, n_layers=L, stacked_memory=True), seed=3)
     ids = _ids(1)
-    with torch.no_grad():
-        ref = model(ids)
     out, report = _compiled(model, ids)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # the project's rule (1e-5, or within 2x eager fp32's own error against fp64): on the
+    # 2026-12-06 CI machine the associative case's bmm reorder was 1.9e-5 from eager
+    assert_matches_eager(model, out, ids)
     assert report.batched, report.reason
     assert report.dependence_vectors == [(0, 1), (1, 0)]
     assert report.num_wavefronts == S + L - 1
