@@ -166,9 +166,10 @@ def test_rrelu_in_training_is_random_and_eval_is_not():
 
 
 def test_a_gradient_eager_leaves_none_is_not_excused_as_rounding():
-    """Session 19's gradient bug (a write projection only a dead update reads got a zero
-    gradient where eager leaves None) passed the fallback rule, which skipped None on
-    either side: None and a zero tensor differ to an optimizer, so it refuses it now."""
+    """Session 19's bug class (a write projection only a dead update reads got a zero
+    gradient where eager leaves None). The fallback rule, reached when the gradients miss
+    rtol/atol for rounding, skipped None on either side, so such a gradient passed there:
+    None and a zero tensor differ to an optimizer, so it refuses it now."""
     from diagpass.testing import assert_grads_as_exact_as_eager, gradients
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
