@@ -1,4 +1,4 @@
-"""python -m benchmarks.summary FILE.json ... — one row per benchmarked point: the default options
+"""python -m benchmarks.summary FILE.json ... — one row per point of each run: the default options
 (mode ``diagonal``) against Inductor sequential, side by side as each run measured them.
 
 The issue-16 claim ("never slower by default") is a claim over many runs (one config, thread
