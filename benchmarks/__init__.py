@@ -25,6 +25,8 @@ side (interleaved rounds, medians); --time-in-process times them where they were
   diag_cached  diagonal with cache_weight_stacks=True: weights stacked once, kept between calls
   diag_pywrapper / stacked_pywrapper   diagonal / diag_stacked with step_cpp_wrapper=False: the
                steps' kernels called from Inductor's Python wrapper (the C++ one is the default)
+  stacked_fixed_width  diag_stacked with symbolic_width=False: each wavefront step compiled for
+               its own group width (the default compiles one step for every width)
   rolled       diagonal with roll=True: each distinct batched step compiled once, host loop
   seq_rolled   roll with min_group=10**6: the same host loop, one cell per call (batching off)
   diag_aot     diagonal with inner "aot_eager" (diagnostic: rewrite without Inductor)

@@ -14,7 +14,7 @@ import torch
 from .configs import Point
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-ALL_MODES = ["eager", "inductor", "inductor_bl", "diagonal", "diag_stacked", "stacked_inline", "seq_inline", "seq_steps", "diag_wsteps", "stacked_wsteps", "stacked_whole", "diag_cached", "diag_pywrapper", "stacked_pywrapper", "rolled", "rolled_glue", "seq_rolled", "diag_aot",
+ALL_MODES = ["eager", "inductor", "inductor_bl", "diagonal", "diag_stacked", "stacked_inline", "seq_inline", "seq_steps", "diag_wsteps", "stacked_wsteps", "stacked_fixed_width", "stacked_whole", "diag_cached", "diag_pywrapper", "stacked_pywrapper", "rolled", "rolled_glue", "seq_rolled", "diag_aot",
              "bound", "base_eager", "base_inductor"]
 QUICK_MODES = ["eager", "inductor", "diagonal", "diag_stacked", "base_eager"]
 DEFAULT_MODES = ["eager", "inductor", "inductor_bl", "diagonal", "diag_stacked", "bound", "base_eager",
@@ -81,6 +81,7 @@ def model_key(mode: str) -> str:
     if mode.startswith("base"):
         return "base"
     return {"diag_stacked": "stacked", "stacked_inline": "stacked", "stacked_wsteps": "stacked", "stacked_whole": "stacked",
+            "stacked_fixed_width": "stacked",
             "stacked_pywrapper": "stacked", "bound": "bound"}.get(mode, "armt")
 
 
@@ -133,6 +134,8 @@ def make_fn(mode: str, model) -> Callable:
         f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "segment_steps": True})
     elif mode in ("diag_wsteps", "stacked_wsteps"):  # the batched graph as one compiled step per wavefront
         f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "wavefront_steps": True})
+    elif mode == "stacked_fixed_width":  # wavefront steps each compiled for its own width (before symbolic widths)
+        f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "symbolic_width": False})
     elif mode == "stacked_whole":  # diag_stacked with the batched graph compiled whole (shared subgraphs)
         f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "wavefront_steps": False})
     elif mode == "diag_cached":  # weights stacked once and kept between calls (one more copy of them)
@@ -221,7 +224,7 @@ def compile_modes(point: Point, modes: List[str], device: str = "cpu", log=print
                 fused = fusion_counts()
                 entry["fusions"] = {k: v - fused0.get(k, 0) for k, v in fused.items() if v != fused0.get(k, 0)}
             settle(fn, x, device)
-            if mode in ("diagonal", "diag_stacked", "diag_pywrapper", "stacked_pywrapper", "stacked_inline", "seq_inline", "seq_steps", "rolled", "rolled_glue", "seq_rolled", "diag_aot", "inductor", "inductor_bl"):
+            if mode in ("diagonal", "diag_stacked", "stacked_wsteps", "stacked_fixed_width", "stacked_whole", "diag_pywrapper", "stacked_pywrapper", "stacked_inline", "seq_inline", "seq_steps", "rolled", "rolled_glue", "seq_rolled", "diag_aot", "inductor", "inductor_bl"):
                 entry["diag"] = _diag_report()  # after settling: a measured choice is made by then
             fns[mode] = fn
             res[mode] = entry

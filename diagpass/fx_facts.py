@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import operator
 import re
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -186,11 +186,13 @@ def tensor_meta(value, with_grad: bool = True, skip_leading: bool = False):
     return key + (value.requires_grad,) if with_grad else key
 
 
-def graph_structure(gm: fx.GraphModule) -> tuple:
+def graph_structure(gm: fx.GraphModule, width_free: bool = False) -> tuple:
     """``gm``'s nodes in order, each (op, target, arguments with nodes as indices,
     checkpoint tags); placeholders by position, not name. Equal for graphs that
     compute the same function of their inputs with the same ops (constants
-    included) and recompute the same regions in the backward."""
+    included) and recompute the same regions in the backward. ``width_free``: a
+    module call with a ``width_free_structure`` (a group call, whose width is its
+    stacked arguments' leading dim) is keyed by it."""
     index: Dict[fx.Node, int] = {}
     regions: Dict[object, int] = {}
     out = []
@@ -200,9 +202,16 @@ def graph_structure(gm: fx.GraphModule) -> tuple:
         target = None if n.op == "placeholder" else n.target
         if n.op == "call_module":  # by what the module computes, not by its name in this graph
             module = gm.get_submodule(n.target)
-            target = module_structure(module) or _Identity(module)
+            free = getattr(module, "width_free_structure", None) if width_free else None
+            target = free or module_structure(module) or _Identity(module)
         out.append((n.op, target, _hashable(args), _checkpoint_tags(n, regions)))
     return tuple(out)
+
+
+def width_free_structure(step: fx.GraphModule, rows: Sequence[int]) -> tuple:
+    """A wavefront step's key when its inputs at ``rows`` have the groups' width as
+    leading dim (``passes/width_free.py``): equal for steps of every width."""
+    return ("width_free", tuple(rows), graph_structure(step, width_free=True))
 
 
 def _checkpoint_tags(node: fx.Node, regions: Dict[object, int]) -> Optional[tuple]:

@@ -65,6 +65,12 @@ class Options:
                (``shared_subgraphs`` decides how): its steady state measured a few
                percent faster than the steps' on CPU (README), at a compile cost
                that grows with S.
+    symbolic_width: wavefront steps read their groups' inputs stacked and return their
+               results stacked (the stacking runs between the steps,
+               ``passes/width_free.py``), and a step is compiled once for a symbolic
+               group width G: the ramp wavefronts of every width share one kernel, and
+               a segment count below L, or a new one, compiles no step for a width it
+               has not met. False compiles each width's step for its own G.
     step_cpp_wrapper: with Inductor, segment and wavefront steps whose tensors are
                on the CPU are compiled with Inductor's C++ wrapper (``cpp_wrapper``):
                the code around a step's kernels (buffer allocation, the size and
@@ -109,6 +115,7 @@ class Options:
     shared_sequential: bool = False
     segment_steps: bool = True
     wavefront_steps: bool = True
+    symbolic_width: bool = True
     step_cpp_wrapper: bool = True
     cost_model: bool = True
     max_memory_ratio: float = 1.1

@@ -37,3 +37,8 @@ REPLACES = "diagpass_replaces"
 # role "group" for a group's nodes (its stacks, call, results, or a cell copied
 # node for node) and "glue" for glue. passes/wavefront_steps.py cuts by it.
 WAVEFRONT = "diagpass_wavefront"
+
+# Set by passes/width_free.py on a group input it moved out of its wavefront step
+# (the stack of the group's rows, a slice of a weight stack): leading dim G. A step's
+# placeholder copies it; runtime/segment_steps.py compiles such a step for a symbolic G.
+GROUP_INPUT = "diagpass_group_input"

@@ -2,7 +2,8 @@
 
 The shared half of ``segment_steps`` and ``wavefront_steps``: they decide which
 region every compute node belongs to; this builds the outer graph. Region
-``PROLOGUE`` and ``EPILOGUE`` stay in the outer graph as they are; every other
+``PROLOGUE`` and ``EPILOGUE`` stay in the outer graph as they are, and so do the
+regions between two steps (``outside_before(r)``, ``outside_after(r)``); every other
 region (in increasing order) becomes ``{prefix}_{r}``, a plain ``fx.GraphModule``
 of the values it reads, returning the values read outside it, with
 ``meta["structure"]`` (``fx_facts.graph_structure``): equal for steps that
@@ -40,6 +41,21 @@ from diagpass.ir.meta import AUTOCAST, REPLACES
 from diagpass.passes.autocast import restore_autocast_regions
 
 PROLOGUE, EPILOGUE = -1, 1 << 30
+
+
+def outside_after(r: int) -> float:
+    """The region of the outer graph between step ``r`` and step ``r + 1``."""
+    return r + 0.5
+
+
+def outside_before(r: int) -> float:
+    """The region of the outer graph between step ``r - 1`` and step ``r``."""
+    return r - 0.5
+
+
+def is_outer(r) -> bool:
+    """Whether region ``r`` stays in the outer graph (not a step of its own)."""
+    return r in (PROLOGUE, EPILOGUE) or r != int(r)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,12 +104,12 @@ def _cut_regions(gm: fx.GraphModule, regions: Dict[int, List[fx.Node]], prefix: 
     dense: Dict[fx.Node, fx.Node] = {}
     for r in sorted(regions):
         nodes = regions[r]
-        if r in (PROLOGUE, EPILOGUE):
+        if is_outer(r):
             for n in nodes:
                 env[n] = out.node_copy(n, env.__getitem__)
             continue
         sub, inputs, outputs = _region(gm, nodes)
-        name = f"{prefix}_{r}"
+        name = f"{prefix}_{int(r)}"
         root[name] = sub
         call = out.call_module(name, tuple(_dense(out, env, dense, i, views) for i in inputs))
         for j, o in enumerate(outputs):

@@ -5,7 +5,10 @@ schedule order, every node tagged with its wavefront, ``meta[WAVEFRONT]``) cut
 into one subgraph per wavefront. Once S > L the wavefronts from L - 1 to S - 1
 are the steady state: the same group call over the same kinds of inputs, so
 their subgraphs have one structure and the runtime compiles it once
-(``runtime/segment_steps.py``); the ramps add about 2(L - 1) more, whatever S is.
+(``runtime/segment_steps.py``); the ramps add about 2(L - 1) more, whatever S is,
+or, with ``symbolic_width`` (``passes/width_free.py``: the groups' stacking between
+the steps), a few: a ramp's steps of every width are one structure, compiled once
+for a symbolic width.
 
 Before (lowered batched graph, L = 2)::
 
@@ -36,26 +39,48 @@ cut that is not a tensor or a number.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, List, Optional, Set, Tuple
 
 import torch.fx as fx
 
-from diagpass.fx_facts import is_random, module_structure
-from diagpass.ir.meta import WAVEFRONT, WEIGHT_STACK
+from diagpass.fx_facts import is_random, module_structure, width_free_structure
+from diagpass.ir.meta import GROUP_INPUT, WAVEFRONT, WEIGHT_STACK
 from diagpass.passes.autocast import without_restored_regions
 from diagpass.passes.cut import (EPILOGUE, PROLOGUE, Steps, cut, graph_input_storages, is_number, is_view,
                                  reads_only_prologue, views_an_input)
+from diagpass.passes.width_free import width_free
 
 
-def wavefront_steps(gm: fx.GraphModule) -> Tuple[Optional[Steps], str]:
-    """(the cut graph, "") or (None, why not)."""
+def wavefront_steps(gm: fx.GraphModule, symbolic_width: bool = True) -> Tuple[Optional[Steps], str]:
+    """(the cut graph, "") or (None, why not). ``symbolic_width``: the groups' stacking
+    outside their steps (``passes/width_free.py``), so that steps of every width are one."""
     gm = without_restored_regions(gm)  # the regions live on in the metadata; each step restores its own
     if gm is None:
         return None, "an autocast region covers a node that does not record it"
     why = _refusal(gm)
     if why:
         return None, why
-    return cut(gm, _placement(gm), "wavefront")
+    place = _placement(gm)
+    if symbolic_width:
+        gm, place = width_free(gm, place)
+    steps, why = cut(gm, place, "wavefront")
+    return (_width_free_structures(steps) if steps is not None and symbolic_width else steps), why
+
+
+def _width_free_structures(steps: Steps) -> Steps:
+    """A step reading moved group inputs is keyed without its groups' width: by its graph
+    with each group call's structure less G, and which of its inputs have G rows."""
+    structures = set()
+    for _, step in steps.gm.named_children():
+        if "structure" not in step.meta:
+            continue
+        rows = tuple(k for k, ph in enumerate(step.graph.find_nodes(op="placeholder")) if ph.meta.get(GROUP_INPUT))
+        if rows:
+            step.meta["group_inputs"] = rows
+            step.meta["structure"] = width_free_structure(step, rows)
+        structures.add(step.meta["structure"])
+    return dataclasses.replace(steps, num_structures=len(structures))
 
 
 def _refusal(gm: fx.GraphModule) -> str:

@@ -24,6 +24,7 @@ The template is cut at every direct node into pieces; pieces run under vmap.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import operator
@@ -31,6 +32,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from diagpass.counters import counters
 from diagpass.fx_facts import SDPA_TARGETS, example_value, graph_structure, is_sdpa
@@ -173,6 +175,15 @@ class BatchedCell(torch.nn.Module):
         """Equal for calls computing the same function (``fx_facts.module_structure``)."""
         return graph_structure(self.template), self.in_dims, self.group_size
 
+    @functools.cached_property
+    def width_free_structure(self) -> Optional[tuple]:
+        """``structure`` less G: equal for calls computing the same function of their
+        arguments whatever their width, since G is read from the stacked arguments
+        (``_group_size``); None without a stacked argument (G would be ``group_size``)."""
+        if all(d is None for d in self.in_dims) or any(True for _ in self.parameters()) or any(True for _ in self.buffers()):
+            return None
+        return ("BatchedCell", graph_structure(self.template), self.in_dims)
+
     def _group_size(self, args):
         """G from the stacked arguments, not ``self.group_size``: a kernel
         compiled for a symbolic group size (``runtime/kernel_cache.py``) then serves
@@ -215,11 +226,19 @@ class BatchedCell(torch.nn.Module):
                 batched = False
             else:
                 dims = tuple(0 if b else None for _, b in values)
-                outs = torch.vmap(piece.gm, in_dims=dims, out_dims=0)(*[v for v, _ in values])
+                gm = self._by_refs(piece.gm) if isinstance(G, torch.SymInt) else piece.gm
+                outs = torch.vmap(gm, in_dims=dims, out_dims=0)(*[v for v, _ in values])
                 batched = True
             for name, out in zip(piece.outputs, outs):
                 env[name] = (out, batched)
         return tuple(self._stacked(*env[name], G) for name in self._final)
+
+    def _by_refs(self, gm: fx.GraphModule) -> fx.GraphModule:
+        """``gm`` for a symbolic G (``_BY_REFS``), made once per piece."""
+        cache = self.__dict__.setdefault("_by_refs_pieces", {})
+        if id(gm) not in cache:
+            cache[id(gm)] = _by_refs(gm)
+        return cache[id(gm)]
 
     def _direct(self, node: _Direct):
         if node.target in SDPA_TARGETS:
@@ -306,3 +325,28 @@ class BatchedCell(torch.nn.Module):
             mask = fold(mask)
         out = node.target(fold(q), fold(k), fold(v), mask, *rest_args, **rest_kwargs)
         return (out if lead is None else out.reshape(G, lead, *out.shape[1:])), True
+
+
+def _layer_norm_by_refs(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    import torch._refs
+
+    return torch._refs.native_layer_norm(x, list(normalized_shape), weight, bias, eps)[0]
+
+
+# Ops whose batching rule reads a symbolic group size as an int (``layer_norm``'s asks
+# ``aten.size``): traced for a symbolic G (the width-free steps, runtime/segment_steps.py;
+# roll's kernels), the kernel would be specialised to one width. Their reference
+# decomposition (what Inductor lowers them to) batches without it.
+_BY_REFS = {F.layer_norm: _layer_norm_by_refs, torch.layer_norm: _layer_norm_by_refs}
+
+
+def _by_refs(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with the ops of ``_BY_REFS`` replaced (``gm`` itself when it has none)."""
+    if not any(n.op == "call_function" and n.target in _BY_REFS for n in gm.graph.nodes):
+        return gm
+    new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    for n in new.graph.nodes:
+        if n.op == "call_function" and n.target in _BY_REFS:
+            n.target = _BY_REFS[n.target]
+    new.recompile()
+    return new

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 
@@ -52,4 +52,7 @@ def _placeholders_read_as(gm: fx.GraphModule, example_inputs) -> None:
     kernel is compiled for exactly the inputs the Python wrapper would be."""
     mode = FakeTensorMode()
     for ph, x in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
-        ph.meta["val"] = mode.from_tensor(x) if isinstance(x, torch.Tensor) else x
+        if isinstance(x, FakeTensor):  # already a fake (a symbolic width's, runtime/kernel_cache.py)
+            ph.meta["val"] = x
+        else:
+            ph.meta["val"] = mode.from_tensor(x) if isinstance(x, torch.Tensor) else x

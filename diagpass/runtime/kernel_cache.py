@@ -38,7 +38,7 @@ per group (measured in benchmarks/).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import sympy
 import torch
@@ -61,10 +61,10 @@ def clear_kernel_cache() -> None:
     _KERNELS.clear()
 
 
-def _group_dim_outermost(a: torch.Tensor) -> bool:
+def rows_outermost(a) -> bool:
     """Strides past dim 0 do not depend on G (true of stacks and of slices
     of a weight stack): the strides in the key then hold for every G."""
-    if a.dim() == 0:
+    if not isinstance(a, torch.Tensor) or a.dim() == 0:
         return False
     extent = sum((size - 1) * stride for size, stride in zip(a.shape[1:], a.stride()[1:]))
     return a.stride(0) > extent
@@ -92,6 +92,66 @@ def symbolic_group_args(args, in_dims, G: int):
             fake = torch.empty_strided(shape, a.stride(), dtype=a.dtype, device=a.device)
             fakes.append(fake.requires_grad_(a.requires_grad))
     return fakes, shape_env, symbol
+
+
+def symbolic_rows(args, rows: Sequence[int]) -> Tuple[list, Callable[[tuple], bool]]:
+    """Fake copies of ``args`` whose inputs at ``rows`` have a symbolic leading dim, one
+    symbol per distinct size (Dynamo's duck sizing: a step's row inputs are G and G - 1
+    rows), everything else static; and the test of widths (the leading dims at ``rows``)
+    against what the compile assumed of them: the same sizes equal, the ShapeEnv's
+    guards and ranges, read live as in ``admits_group_size``."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    shape_env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=shape_env)
+    sizes: Dict[int, object] = {}
+    fakes = []
+    with mode:
+        for k, a in enumerate(args):
+            if not isinstance(a, torch.Tensor):
+                fakes.append(a)
+                continue
+            shape = tuple(a.shape)
+            if k in rows:
+                if shape[0] not in sizes:
+                    source = ConstantSource(f"diagpass_rows_{len(sizes)}")
+                    symbol = shape_env.create_symbol(shape[0], source=source, dynamic_dim=DimDynamic.DYNAMIC)
+                    sizes[shape[0]] = shape_env.create_symintnode(symbol, hint=shape[0], source=source)
+                shape = (sizes[shape[0]], *shape[1:])
+            fake = torch.empty_strided(shape, a.stride(), dtype=a.dtype, device=a.device)
+            fakes.append(fake.requires_grad_(a.requires_grad))
+    exprs = [sympy.sympify(getattr(sizes[args[k].shape[0]], "node", None).expr
+                           if isinstance(sizes[args[k].shape[0]], torch.SymInt) else sizes[args[k].shape[0]])
+             for k in rows]
+    answers: Dict[Tuple[tuple, int], bool] = {}
+
+    def admits(widths: tuple) -> bool:
+        key = (widths, len(shape_env.guards))
+        if key not in answers:
+            answers[key] = _admits(shape_env, exprs, widths)
+        return answers[key]
+
+    return fakes, admits
+
+
+def _admits(shape_env, exprs: list, widths: tuple) -> bool:
+    value: Dict[sympy.Symbol, sympy.Integer] = {}
+    for e, w in zip(exprs, widths):
+        if e.is_number:
+            if e != w:
+                return False
+        elif value.setdefault(e, sympy.Integer(w)) != w:
+            return False
+    for symbol, w in value.items():
+        bounds = shape_env.var_to_range.get(symbol)
+        if bounds is not None and not bounds.lower <= w <= bounds.upper:
+            return False
+        replaced = shape_env.replacements.get(symbol)
+        if replaced is not None and replaced.xreplace(value) != w:
+            return False
+    # anything still symbolic after substituting the widths is not provably true
+    return all(g.expr.xreplace(value) is sympy.true for g in shape_env.guards)
 
 
 def admits_group_size(shape_env, symbol) -> Callable[[int], bool]:
@@ -136,7 +196,7 @@ class CompiledGroup(torch.nn.Module):
             self.batched.group_size >= 2
             and self.inner != "eager"  # nothing is compiled: any G runs as is
             and bool(stacked)
-            and all(isinstance(a, torch.Tensor) and _group_dim_outermost(a) for a in stacked)
+            and all(isinstance(a, torch.Tensor) and rows_outermost(a) for a in stacked)
         )
 
     def _compile(self, args, symbolic: bool) -> Tuple[Callable[[int], bool], Callable]:

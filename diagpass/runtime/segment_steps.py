@@ -23,6 +23,12 @@ Each compiled step is AOTAutograd's (Inductor: ``compile_fx``), so a call that
 needs gradients gets its backward, and a step that aliases or writes its
 inputs is handled there, as for any graph.
 
+A wavefront step whose group inputs were moved outside it (``passes/width_free.py``:
+its placeholders named in ``meta["group_inputs"]`` have the groups' width G as
+leading dim) is compiled once for a symbolic G (one symbol per distinct leading
+size, ``kernel_cache.symbolic_rows``) and cached with the test of what the compile
+assumed of G: the ramp steps of every width, and a new segment count's, share it.
+
 On the CPU a step is compiled with Inductor's C++ wrapper (``step_cpp_wrapper``):
 a step runs S times a call, and its Python wrapper (buffer allocation, an
 assert per input) was a cost the whole graph pays once.
@@ -39,19 +45,24 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
 
 from diagpass.counters import counters
-from diagpass.fx_facts import copy_graph_module, example_value, graph_structure, static_meta
+from diagpass.fx_facts import (copy_graph_module, example_value, graph_structure, static_meta, tensor_meta,
+                               width_free_structure)
 from diagpass.logs import first_line
 from diagpass.runtime.inner import inner_compile
+from diagpass.runtime.kernel_cache import rows_outermost, symbolic_rows
 
 log = logging.getLogger("diagpass")
 
 _STEPS: Dict[tuple, Callable] = {}  # key -> the compiled step (its tensor arguments)
+# key -> [(admits(widths), the step compiled for symbolic widths)], newest last
+_WIDTH_FREE_STEPS: Dict[tuple, List[Tuple[Callable[[tuple], bool], Callable]]] = {}
 # structure -> small id: a structure is a deep tuple, slow to hash on every call
 _STRUCTURE_IDS: Dict[tuple, int] = {}
 
 
 def clear_step_cache() -> None:
     _STEPS.clear()
+    _WIDTH_FREE_STEPS.clear()
 
 
 def _intern(structure: tuple) -> int:
@@ -76,6 +87,8 @@ class CompiledStep(torch.nn.Module):
         # about 2 ms a step.
         self.varying = [k for k, ph in enumerate(step.graph.find_nodes(op="placeholder"))
                         if static_meta([example_value(ph)]) is None]
+        # the inputs whose leading dim is the groups' width (passes/width_free.py)
+        self.rows = tuple(step.meta.get("group_inputs", ()))
         self.kernels: Dict[tuple, Callable] = {}
 
     def forward(self, *args):
@@ -99,9 +112,14 @@ class CompiledStep(torch.nn.Module):
         dynamic = bool(self.varying)
         step, tensors = _specialized(self.step, args) if dynamic else (self.step, tensors)
         meta = static_meta([args[i] for i in tensors])
-        structure = _intern(graph_structure(step)) if dynamic else self.structure_id
         example = [args[i] for i in tensors]
         cpp = self.cpp_wrapper and all(t.device.type == "cpu" for t in example)
+        if self.rows and self.inner != "eager" and set(self.rows) <= set(tensors) \
+                and all(rows_outermost(args[i]) for i in self.rows):
+            structure = _intern(width_free_structure(step, [tensors.index(i) for i in self.rows])) \
+                if dynamic else self.structure_id
+            return self._width_free_kernel(step, args, tensors, structure, cpp)
+        structure = _intern(graph_structure(step)) if dynamic else self.structure_id
         key = (structure, torch.is_grad_enabled(), meta, self.inner, self.rewritten, cpp)
         compiled = _STEPS.get(key)
         if compiled is None:
@@ -111,6 +129,28 @@ class CompiledStep(torch.nn.Module):
             counters[self.kind]["step_cache_hits"] += 1
         # which of this site's arguments the kernel takes is the site's own (a static and a
         # specialised site of one kernel pass their tensors at different positions)
+        return lambda *a: compiled(*[a[i] for i in tensors])
+
+    def _width_free_kernel(self, step: fx.GraphModule, args, tensors: List[int], structure: int, cpp: bool) -> Callable:
+        """The kernel compiled for a symbolic width, from the process-wide cache: keyed
+        as a static step but for its row inputs' leading dims, kept if its ShapeEnv's
+        guards admit these widths (one compiled for G = 2 may be specialised to it)."""
+        grad = torch.is_grad_enabled()
+        meta = tuple(tensor_meta(args[i], skip_leading=i in self.rows) for i in tensors)
+        key = (structure, grad, meta, self.inner, self.rewritten, cpp)
+        widths = tuple(args[i].shape[0] for i in self.rows)
+        entries = _WIDTH_FREE_STEPS.setdefault(key, [])
+        compiled = next((fn for admits, fn in entries if admits(widths)), None)
+        if compiled is None:
+            fakes, admits = symbolic_rows(args, self.rows)
+            compiled = self._compile(step, [fakes[i] for i in tensors], cpp)
+            counters[self.kind]["steps_compiled"] += 1
+            counters[self.kind]["steps_width_free"] += 1
+            if entries:
+                counters[self.kind]["steps_specialized"] += 1  # an earlier kernel's guards did not admit these widths
+            entries.append((admits, compiled))
+        else:
+            counters[self.kind]["step_cache_hits"] += 1
         return lambda *a: compiled(*[a[i] for i in tensors])
 
     def _compile(self, step: fx.GraphModule, example: list, cpp: bool) -> Callable:

@@ -10,6 +10,7 @@ import diagpass
 import diagpass.runtime.segment_steps
 from diagpass.report import report_count, reports_since
 from diagpass.testing import assert_equivalent, assert_matches_eager
+from diagpass.models.armt import build_armt, randomize_memory_
 from tests.helpers import Autocast, research_shape, steps_armt, steps_ids
 
 BATCHED = {"inner": "aot_eager", "cost_model": False, "wavefront_steps": True}
@@ -49,6 +50,26 @@ def test_a_new_segment_count_compiles_only_the_wavefronts_it_has_not_met():
     c = diagpass.counters["wavefront_steps"]
     assert first == 6 and c["steps_compiled"] == first  # every wavefront of S=9 was met at S=7
     assert c["graphs_compiled_whole"] == 0  # a hit passes the site's own tensors to the kernel
+
+
+@pytest.mark.parametrize("symbolic_width, new_steps", [(True, 3), (False, 5)])
+def test_a_segment_count_below_L_then_above_compiles_only_the_kinds_of_wavefront_it_has_not_met(symbolic_width, new_steps):
+    """S = 3 < L = 5 meets the ramps at widths up to 2 only. S = 8 then compiles, with symbolic
+    widths, the wavefront where segment 0 leaves as segment 4 enters and the steady one (new
+    kinds), and the ramp up once more (compiled for G = 2, its rows G - 1 = 1 were specialised);
+    with fixed widths also each width from 3 to 4 of the ramps it has not met."""
+    model = randomize_memory_(build_armt("llama", num_layers=5, segment_size=8, num_mem_tokens=2, d_mem=8, seed=5))
+    compiled = torch.compile(model, backend="diagonal", options={**BATCHED, "symbolic_width": symbolic_width})
+    c = diagpass.counters["wavefront_steps"]
+    compiled_after = []
+    with torch.no_grad():
+        for S in (3, 8, 12):
+            assert_matches_eager(model, compiled(steps_ids(S)), steps_ids(S))
+            compiled_after.append(c["steps_compiled"])
+    assert compiled_after[1] - compiled_after[0] == new_steps
+    assert compiled_after[2] == compiled_after[1]  # S = 12: nothing new, with either
+    assert c["graphs_compiled_whole"] == 0 and c["calls_uncompiled"] == 0
+    assert (c["steps_width_free"] > 0) == symbolic_width
 
 
 def test_a_step_that_does_not_compile_falls_back_to_the_whole_graph(monkeypatch, caplog):
