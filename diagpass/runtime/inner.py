@@ -27,7 +27,20 @@ CPP_WRAPPER_CONFIG = {"cpp_wrapper": True}
 
 
 def inner_compile(gm: fx.GraphModule, example_inputs, inner: str, rewritten: bool = False,
-                  cpp_wrapper: bool = False) -> Callable:
+                  cpp_wrapper: bool = False, own_symbols: bool = False) -> Callable:
+    """``own_symbols``: the example inputs are fakes of a ShapeEnv of ours (symbolic
+    widths, ``runtime/kernel_cache.py``): their symbols have no source in any graph's
+    inputs, so Inductor's FX graph cache and AOTAutograd's cache, which store guards
+    written over those sources, cannot check a stored entry (they raise NameError)."""
+    if own_symbols:
+        import torch._functorch.config as functorch_config
+
+        with functorch_config.patch(enable_autograd_cache=False):
+            return _inner_compile(gm, example_inputs, inner, rewritten, cpp_wrapper, {"fx_graph_cache": False})
+    return _inner_compile(gm, example_inputs, inner, rewritten, cpp_wrapper, {})
+
+
+def _inner_compile(gm, example_inputs, inner: str, rewritten: bool, cpp_wrapper: bool, extra: dict) -> Callable:
     if inner == "eager":
         return gm.forward
     if inner == "aot_eager":
@@ -40,7 +53,7 @@ def inner_compile(gm: fx.GraphModule, example_inputs, inner: str, rewritten: boo
 
     if cpp_wrapper:
         _placeholders_read_as(gm, example_inputs)
-    patches = {**(REWRITTEN_INDUCTOR_CONFIG if rewritten else {}), **(CPP_WRAPPER_CONFIG if cpp_wrapper else {})}
+    patches = {**(REWRITTEN_INDUCTOR_CONFIG if rewritten else {}), **(CPP_WRAPPER_CONFIG if cpp_wrapper else {}), **extra}
     return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 

@@ -208,7 +208,7 @@ class CompiledGroup(torch.nn.Module):
             fn = inner_compile(gm, [args[i] for i in tensors], self.inner)
         else:
             fakes, shape_env, symbol = symbolic_group_args(args, self.batched.in_dims, self.batched.group_size)
-            fn = inner_compile(gm, [fakes[i] for i in tensors], self.inner)
+            fn = inner_compile(gm, [fakes[i] for i in tensors], self.inner, own_symbols=True)
             admits = admits_group_size(shape_env, symbol)
         return admits, lambda *a: fn(*[a[i] for i in tensors])
 

@@ -143,7 +143,7 @@ class CompiledStep(torch.nn.Module):
         compiled = next((fn for admits, fn in entries if admits(widths)), None)
         if compiled is None:
             fakes, admits = symbolic_rows(args, self.rows)
-            compiled = self._compile(step, [fakes[i] for i in tensors], cpp)
+            compiled = self._compile(step, [fakes[i] for i in tensors], cpp, own_symbols=True)
             counters[self.kind]["steps_compiled"] += 1
             counters[self.kind]["steps_width_free"] += 1
             if entries:
@@ -153,17 +153,19 @@ class CompiledStep(torch.nn.Module):
             counters[self.kind]["step_cache_hits"] += 1
         return lambda *a: compiled(*[a[i] for i in tensors])
 
-    def _compile(self, step: fx.GraphModule, example: list, cpp: bool) -> Callable:
+    def _compile(self, step: fx.GraphModule, example: list, cpp: bool, own_symbols: bool = False) -> Callable:
         if cpp:
             try:
-                compiled = inner_compile(copy_graph_module(step)[0], example, self.inner, self.rewritten, cpp_wrapper=True)
+                compiled = inner_compile(copy_graph_module(step)[0], example, self.inner, self.rewritten, cpp_wrapper=True,
+                                         own_symbols=own_symbols)
                 counters[self.kind]["steps_cpp_wrapper"] += 1
                 return compiled
             except Exception as e:  # noqa: BLE001 - the C++ wrapper is a per-call saving; the Python one is Inductor's default
                 counters[self.kind]["steps_cpp_wrapper_failed"] += 1
                 log.info("diagpass: a %s step did not compile with the C++ wrapper (%s); using the Python wrapper",
                          self.kind.split("_")[0], first_line(e), exc_info=log.isEnabledFor(logging.DEBUG))
-        return inner_compile(copy_graph_module(step)[0], example, self.inner, rewritten=self.rewritten)
+        return inner_compile(copy_graph_module(step)[0], example, self.inner, rewritten=self.rewritten,
+                             own_symbols=own_symbols)
 
 
 # integer arithmetic on sizes, as Dynamo writes it (``sym_sum([-56, s70])`` for a slice end)
