@@ -154,18 +154,18 @@ class CompiledStep(torch.nn.Module):
         return lambda *a: compiled(*[a[i] for i in tensors])
 
     def _compile(self, step: fx.GraphModule, example: list, cpp: bool, own_symbols: bool = False) -> Callable:
+        symbols = {"own_symbols": True} if own_symbols else {}
         if cpp:
             try:
                 compiled = inner_compile(copy_graph_module(step)[0], example, self.inner, self.rewritten, cpp_wrapper=True,
-                                         own_symbols=own_symbols)
+                                         **symbols)
                 counters[self.kind]["steps_cpp_wrapper"] += 1
                 return compiled
             except Exception as e:  # noqa: BLE001 - the C++ wrapper is a per-call saving; the Python one is Inductor's default
                 counters[self.kind]["steps_cpp_wrapper_failed"] += 1
                 log.info("diagpass: a %s step did not compile with the C++ wrapper (%s); using the Python wrapper",
                          self.kind.split("_")[0], first_line(e), exc_info=log.isEnabledFor(logging.DEBUG))
-        return inner_compile(copy_graph_module(step)[0], example, self.inner, rewritten=self.rewritten,
-                             own_symbols=own_symbols)
+        return inner_compile(copy_graph_module(step)[0], example, self.inner, rewritten=self.rewritten, **symbols)
 
 
 # integer arithmetic on sizes, as Dynamo writes it (``sym_sum([-56, s70])`` for a slice end)

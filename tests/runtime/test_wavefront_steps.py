@@ -73,7 +73,7 @@ def test_a_segment_count_below_L_then_above_compiles_only_the_kinds_of_wavefront
 
 
 def test_a_step_that_does_not_compile_falls_back_to_the_whole_graph(monkeypatch, caplog):
-    def broken(gm, inputs, inner, rewritten=False):
+    def broken(gm, inputs, inner, rewritten=False, **symbols):
         raise RuntimeError("no kernel for you")
 
     monkeypatch.setattr(diagpass.runtime.segment_steps, "inner_compile", broken)
