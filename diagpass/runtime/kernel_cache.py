@@ -105,7 +105,7 @@ def symbolic_rows(args, rows: Sequence[int]) -> Tuple[list, Callable[[tuple], bo
 
     shape_env = ShapeEnv()
     mode = FakeTensorMode(shape_env=shape_env)
-    sizes: Dict[int, object] = {}
+    sizes: Dict[int, tuple] = {}  # size -> (its SymInt, its symbol; both constant when specialised)
     fakes = []
     with mode:
         for k, a in enumerate(args):
@@ -117,13 +117,11 @@ def symbolic_rows(args, rows: Sequence[int]) -> Tuple[list, Callable[[tuple], bo
                 if shape[0] not in sizes:
                     source = ConstantSource(f"diagpass_rows_{len(sizes)}")
                     symbol = shape_env.create_symbol(shape[0], source=source, dynamic_dim=DimDynamic.DYNAMIC)
-                    sizes[shape[0]] = shape_env.create_symintnode(symbol, hint=shape[0], source=source)
-                shape = (sizes[shape[0]], *shape[1:])
+                    sizes[shape[0]] = (shape_env.create_symintnode(symbol, hint=shape[0], source=source), symbol)
+                shape = (sizes[shape[0]][0], *shape[1:])
             fake = torch.empty_strided(shape, a.stride(), dtype=a.dtype, device=a.device)
             fakes.append(fake.requires_grad_(a.requires_grad))
-    exprs = [sympy.sympify(getattr(sizes[args[k].shape[0]], "node", None).expr
-                           if isinstance(sizes[args[k].shape[0]], torch.SymInt) else sizes[args[k].shape[0]])
-             for k in rows]
+    exprs = [sizes[args[k].shape[0]][1] for k in rows]
     answers: Dict[Tuple[tuple, int], bool] = {}
 
     def admits(widths: tuple) -> bool:
