@@ -214,11 +214,16 @@ def test_rewritten_graph_compiles_with_memory_config_and_baseline_with_stock_ind
     randomize_memory_(model)
     ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(0))
     # the batched graph compiles one step per distinct wavefront (wavefront_steps), each with the
-    # config, and on the CPU with the C++ wrapper (runtime/inner.CPP_WRAPPER_CONFIG)
+    # config, and on the CPU with the C++ wrapper (runtime/inner.CPP_WRAPPER_CONFIG); a step
+    # compiled for symbolic widths also without the FX graph cache (runtime/inner.py)
     rewritten = {"reorder_for_locality": False, "realize_reads_threshold": 2, "cpp_wrapper": True}
+    width_free = {**rewritten, "fx_graph_cache": False}
     for options, expected, compiles in (({"cost_model": False}, rewritten, 6), ({"enabled": False}, None, 1)):
         torch._dynamo.reset()
         patches.clear()
+        before = diagpass.counters["wavefront_steps"]["steps_width_free"]
         with torch.no_grad():
             torch.compile(model, backend="diagonal", options={"inner": "inductor", **options})(ids)
-        assert patches == [expected] * compiles
+        symbolic = diagpass.counters["wavefront_steps"]["steps_width_free"] - before
+        assert (symbolic > 0) == (expected is not None)
+        assert sorted(patches, key=lambda p: bool(p and "fx_graph_cache" in p)) == [expected] * (compiles - symbolic) + [width_free] * symbolic
