@@ -159,15 +159,9 @@ def admits_group_size(shape_env, symbol) -> Callable[[int], bool]:
     answers: Dict[Tuple[int, int], bool] = {}
 
     def admits(G: int) -> bool:
-        guards = shape_env.guards
-        key = (G, len(guards))
+        key = (G, len(shape_env.guards))
         if key not in answers:
-            bounds = shape_env.var_to_range.get(symbol)
-            value = {symbol: sympy.Integer(G)}
-            # anything still symbolic after substituting G is not provably true
-            answers[key] = (bounds is None or bounds.lower <= G <= bounds.upper) and all(
-                g.expr.xreplace(value) is sympy.true for g in guards
-            )
+            answers[key] = _admits(shape_env, [symbol], (G,))
         return answers[key]
 
     return admits
