@@ -208,10 +208,11 @@ def graph_structure(gm: fx.GraphModule, width_free: bool = False) -> tuple:
     return tuple(out)
 
 
-def width_free_structure(step: fx.GraphModule, rows: Sequence[int]) -> tuple:
-    """A wavefront step's key when its inputs at ``rows`` have the groups' width as
-    leading dim (``passes/width_free.py``): equal for steps of every width."""
-    return ("width_free", tuple(rows), graph_structure(step, width_free=True))
+def width_free_structure(step: fx.GraphModule, rows: Sequence[int], group_rows: Sequence[tuple] = ()) -> tuple:
+    """A wavefront step's key when its inputs at ``rows`` have their groups' width as
+    leading dim, less ``group_rows``' constants (``passes/width_free.py``): equal for
+    steps of every width."""
+    return ("width_free", tuple(rows), tuple(group_rows), graph_structure(step, width_free=True))
 
 
 def _checkpoint_tags(node: fx.Node, regions: Dict[object, int]) -> Optional[tuple]:

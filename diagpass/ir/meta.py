@@ -4,6 +4,8 @@ Written once here. A key is set by exactly one stage and read by later ones;
 ``diagpass/ir/invariants.py`` checks the contracts it can at stage boundaries.
 """
 
+from typing import NamedTuple, Optional
+
 # Set by passes/functionalize.py on an in-place node whose written tensor it
 # proved private (a clone of its own, no other reader): data edges alone then
 # order it, and partition / schedule accept it as a pure op.
@@ -39,6 +41,15 @@ REPLACES = "diagpass_replaces"
 WAVEFRONT = "diagpass_wavefront"
 
 # Set by passes/width_free.py on a group input it moved out of its wavefront step
-# (the stack of the group's rows, a slice of a weight stack): leading dim G. A step's
+# (the stack of the group's rows, a slice of a weight stack), a ``GroupRows``. A step's
 # placeholder copies it; runtime/segment_steps.py compiles such a step for a symbolic G.
 GROUP_INPUT = "diagpass_group_input"
+
+
+class GroupRows(NamedTuple):
+    """A group input's leading dim: the width G of the group ``call`` less ``fewer``
+    (0 for a stack of all G rows, 1 for the rows a step's entering segment is cat
+    to); ``fewer`` None where the leading dim is not known to follow G."""
+
+    call: str
+    fewer: Optional[int]

@@ -70,15 +70,19 @@ def wavefront_steps(gm: fx.GraphModule, symbolic_width: bool = True) -> Tuple[Op
 
 def _width_free_structures(steps: Steps) -> Steps:
     """A step reading moved group inputs is keyed without its groups' width: by its graph
-    with each group call's structure less G, and which of its inputs have G rows."""
+    with each group call's structure less G, which of its inputs have rows of a group,
+    and how many fewer than its width (``group_rows``: the group numbered in the step)."""
     structures = set()
     for _, step in steps.gm.named_children():
         if "structure" not in step.meta:
             continue
-        rows = tuple(k for k, ph in enumerate(step.graph.find_nodes(op="placeholder")) if ph.meta.get(GROUP_INPUT))
-        if rows:
-            step.meta["group_inputs"] = rows
-            step.meta["structure"] = width_free_structure(step, rows)
+        tags = {k: ph.meta[GROUP_INPUT] for k, ph in enumerate(step.graph.find_nodes(op="placeholder"))
+                if ph.meta.get(GROUP_INPUT)}
+        if tags:
+            groups: Dict[str, int] = {}
+            step.meta["group_inputs"] = tuple(tags)
+            step.meta["group_rows"] = tuple((groups.setdefault(g.call, len(groups)), g.fewer) for g in tags.values())
+            step.meta["structure"] = width_free_structure(step, tuple(tags), step.meta["group_rows"])
         structures.add(step.meta["structure"])
     return dataclasses.replace(steps, num_structures=len(structures))
 

@@ -27,7 +27,9 @@ After::
              out = diag_t3(x, w);  o = out[0]
              y = lm_head(o[-1])                      # returns o, y
 
-The moved stacks and slices carry ``meta[GROUP_INPUT]``; a step's placeholder copies
+The moved stacks and slices carry ``meta[GROUP_INPUT]``, a ``GroupRows``: the group call
+and how many rows fewer than its width they have (``s`` above: G - 1), so that the
+runtime compiles one symbol per group and not one per size; a step's placeholder copies
 it. Left as they are (the step's graph then names its width): a stack of in-step
 values with outside ones between them, a row read in the step at an index other
 than G - 1, and the rows of a result one of whose rows nobody reads when that row
@@ -46,7 +48,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from diagpass.counters import counters
 from diagpass.fx_facts import copy_graph_module, example_value, static_meta
-from diagpass.ir.meta import GROUP_INPUT, REPLACES
+from diagpass.ir.meta import GROUP_INPUT, REPLACES, GroupRows
 from diagpass.passes.cut import is_outer, outside_after, outside_before
 
 Place = Dict[fx.Node, Tuple[float, float]]
@@ -62,7 +64,7 @@ def width_free(gm: fx.GraphModule, place: Place) -> Tuple[fx.GraphModule, Place]
         # a group call whose function does not depend on its width (it reads G from its
         # stacked arguments: runtime/batched_cell.py), nothing else
         if getattr(module, "width_free_structure", None) is not None and module.group_size >= 2:
-            _inputs_outside(gm, call, module.in_dims, place)
+            _inputs_outside(gm, call, module.in_dims, module.group_size, place)
             _results_outside(gm, call, module.group_size, place)
     gm.graph.lint()
     gm.recompile()
@@ -74,16 +76,27 @@ def _step(n: fx.Node, place: Place) -> Optional[float]:
     return place[n][0] if n in place else None
 
 
-def _inputs_outside(gm: fx.GraphModule, call: fx.Node, in_dims: tuple, place: Place) -> None:
+def _inputs_outside(gm: fx.GraphModule, call: fx.Node, in_dims: tuple, G: int, place: Place) -> None:
     t = _step(call, place)
     for a, d in zip(call.args, in_dims):
         if d is None or not isinstance(a, fx.Node) or _step(a, place) != t:
             continue
         if _is_slice_of(a) and _step(a.args[0], place) != t:
             _move(a, outside_before(t), place)
+            a.meta[GROUP_INPUT] = _rows_of(call, a, G if d == 0 else None)
             counters["wavefront_steps"]["group_inputs_outside"] += 1
-        elif a.target is torch.stack and _stack_dim(a) == 0:
-            _split_stack(gm, a, t, place)
+        elif a.target is torch.stack and _stack_dim(a) == 0 and d == 0:
+            _split_stack(gm, call, a, G, t, place)
+
+
+def _rows_of(call: fx.Node, n: fx.Node, G: Optional[int]) -> GroupRows:
+    """What ``n``'s leading dim is: its group's width less a constant, where it is
+    the rows of ``call``'s group (the runtime then compiles one symbol per group, so
+    that G - 1 = 1 rows at G = 2 is not a size of its own, specialised to 1)."""
+    value = example_value(n)
+    if G is None or not isinstance(value, torch.Tensor) or value.dim() == 0 or not 0 <= G - value.shape[0] < G:
+        return GroupRows(call.name, None)
+    return GroupRows(call.name, G - int(value.shape[0]))
 
 
 def _is_slice_of(n: fx.Node) -> bool:
@@ -102,7 +115,7 @@ def _stack_dim(n: fx.Node) -> Optional[int]:
     return dim if isinstance(dim, int) else None
 
 
-def _split_stack(gm: fx.GraphModule, stack: fx.Node, t: float, place: Place) -> None:
+def _split_stack(gm: fx.GraphModule, call: fx.Node, stack: fx.Node, G: int, t: float, place: Place) -> None:
     """``stack(items)`` whose items are a run of outside values, with in-step values
     only before or after it: the run stacked outside the step (a view, when the run is
     consecutive rows of one result)."""
@@ -124,6 +137,7 @@ def _split_stack(gm: fx.GraphModule, stack: fx.Node, t: float, place: Place) -> 
         outer = _rows_view(gm, stack, run, (outside_before(t), key), place)
         if outer is None and whole:
             _move(stack, outside_before(t), place)
+            stack.meta[GROUP_INPUT] = _rows_of(call, stack, G)
             counters["wavefront_steps"]["group_inputs_outside"] += 1
             return
         if outer is None:
@@ -136,7 +150,7 @@ def _split_stack(gm: fx.GraphModule, stack: fx.Node, t: float, place: Place) -> 
         if not row.users and row.op == "call_function":
             gm.graph.erase_node(row)
             del place[row]
-    outer.meta[GROUP_INPUT] = True
+    outer.meta[GROUP_INPUT] = _rows_of(call, outer, G)
     counters["wavefront_steps"]["group_inputs_outside"] += 1
 
 
@@ -200,7 +214,6 @@ def _example(target, args, kwargs):
 
 def _move(n: fx.Node, region: float, place: Place) -> None:
     place[n] = (region, place[n][1])
-    n.meta[GROUP_INPUT] = True
 
 
 def _results_outside(gm: fx.GraphModule, call: fx.Node, G: int, place: Place) -> None:

@@ -29,13 +29,25 @@ CPP_WRAPPER_CONFIG = {"cpp_wrapper": True}
 def inner_compile(gm: fx.GraphModule, example_inputs, inner: str, rewritten: bool = False,
                   cpp_wrapper: bool = False, own_symbols: bool = False) -> Callable:
     """``own_symbols``: the example inputs are fakes of a ShapeEnv of ours (symbolic
-    widths, ``runtime/kernel_cache.py``): their symbols have no source in any graph's
-    inputs, so Inductor's FX graph cache and AOTAutograd's cache, which store guards
-    written over those sources, cannot check a stored entry (they raise NameError)."""
+    widths, ``runtime/kernel_cache.py``), and the kernel is kept for the widths that
+    ShapeEnv's guards admit. So:
+
+    - their symbols have no source in any graph's inputs: Inductor's FX graph cache
+      and AOTAutograd's cache, which store guards written over those sources, cannot
+      check a stored entry (they raise NameError), and are off;
+    - the backward is lowered now, not on first use: its guards then exist before
+      any other width is admitted;
+    - ``backed_size_oblivious``: a ``guard_or_false`` / ``guard_or_true`` takes its
+      default (the branch valid for every size) instead of guarding on the hint.
+      Metadata checks such as "is this leading dim 1" (``is_contiguous`` in
+      ``_extract_tensor_metadata``) otherwise tie the kernel compiled at G = 2 to
+      G - 1 = 1 rows, and the one compiled at G = 3 to G != 2."""
     if own_symbols:
         import torch._functorch.config as functorch_config
+        import torch.fx.experimental._config as shapes_config
 
-        with functorch_config.patch(enable_autograd_cache=False):
+        with functorch_config.patch(enable_autograd_cache=False, force_non_lazy_backward_lowering=True), \
+                shapes_config.patch(backed_size_oblivious=True):
             return _inner_compile(gm, example_inputs, inner, rewritten, cpp_wrapper, {"fx_graph_cache": False})
     return _inner_compile(gm, example_inputs, inner, rewritten, cpp_wrapper, {})
 

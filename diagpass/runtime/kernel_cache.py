@@ -94,19 +94,25 @@ def symbolic_group_args(args, in_dims, G: int):
     return fakes, shape_env, symbol
 
 
-def symbolic_rows(args, rows: Sequence[int]) -> Tuple[list, Callable[[tuple], bool]]:
-    """Fake copies of ``args`` whose inputs at ``rows`` have a symbolic leading dim, one
-    symbol per distinct size (Dynamo's duck sizing: a step's row inputs are G and G - 1
-    rows), everything else static; and the test of widths (the leading dims at ``rows``)
-    against what the compile assumed of them: the same sizes equal, the ShapeEnv's
-    guards and ranges, read live as in ``admits_group_size``."""
+def symbolic_rows(args, rows: Sequence[int], group_rows: Sequence[tuple] = ()) -> Tuple[list, Callable[[tuple], bool]]:
+    """Fake copies of ``args`` whose inputs at ``rows`` have a symbolic leading dim,
+    everything else static; and the test of widths (the leading dims at ``rows``)
+    against what the compile assumed of them (``_admits``).
+
+    ``group_rows`` gives, per row input, (its group, how many rows fewer than the
+    group's width) where the pass knows it (``passes/width_free.py``): such inputs
+    share their group's symbol G, as G - 1 for the rows an entering segment is cat to.
+    Other inputs get one symbol per distinct size (Dynamo's duck sizing). With a
+    symbol per size, G - 1 = 1 at G = 2 would be specialised to 1, and the kernel
+    compiled for G = 2 would admit no other width."""
     from torch._dynamo.source import ConstantSource
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
     shape_env = ShapeEnv()
     mode = FakeTensorMode(shape_env=shape_env)
-    sizes: Dict[int, tuple] = {}  # size -> (its SymInt, its symbol; both constant when specialised)
-    fakes = []
+    relation = _relation(args, rows, group_rows)
+    symbols: Dict[tuple, tuple] = {}  # group or size -> (its SymInt, its symbol; both constant when specialised)
+    fakes, exprs = [], []
     with mode:
         for k, a in enumerate(args):
             if not isinstance(a, torch.Tensor):
@@ -114,14 +120,16 @@ def symbolic_rows(args, rows: Sequence[int]) -> Tuple[list, Callable[[tuple], bo
                 continue
             shape = tuple(a.shape)
             if k in rows:
-                if shape[0] not in sizes:
-                    source = ConstantSource(f"diagpass_rows_{len(sizes)}")
-                    symbol = shape_env.create_symbol(shape[0], source=source, dynamic_dim=DimDynamic.DYNAMIC)
-                    sizes[shape[0]] = (shape_env.create_symintnode(symbol, hint=shape[0], source=source), symbol)
-                shape = (sizes[shape[0]][0], *shape[1:])
+                key, fewer = relation[k]
+                if key not in symbols:
+                    source = ConstantSource(f"diagpass_rows_{len(symbols)}")
+                    symbol = shape_env.create_symbol(shape[0] + fewer, source=source, dynamic_dim=DimDynamic.DYNAMIC)
+                    symbols[key] = (shape_env.create_symintnode(symbol, hint=shape[0] + fewer, source=source), symbol)
+                size, symbol = symbols[key]
+                shape = (size - fewer if fewer else size, *shape[1:])
+                exprs.append(symbol - fewer)
             fake = torch.empty_strided(shape, a.stride(), dtype=a.dtype, device=a.device)
             fakes.append(fake.requires_grad_(a.requires_grad))
-    exprs = [sizes[args[k].shape[0]][1] for k in rows]
     answers: Dict[Tuple[tuple, int], bool] = {}
 
     def admits(widths: tuple) -> bool:
@@ -133,14 +141,36 @@ def symbolic_rows(args, rows: Sequence[int]) -> Tuple[list, Callable[[tuple], bo
     return fakes, admits
 
 
+def _relation(args, rows: Sequence[int], group_rows: Sequence[tuple]) -> Dict[int, tuple]:
+    """Row input -> (the key of its symbol, rows fewer than the symbol). A group whose
+    inputs do not agree on its width here falls back to a symbol per size."""
+    known = dict(zip(rows, group_rows))
+    widths: Dict[object, set] = {}
+    for k in rows:
+        group, fewer = known.get(k, (None, None))
+        if fewer is not None:
+            widths.setdefault(group, set()).add(args[k].shape[0] + fewer)
+    relation = {}
+    for k in rows:
+        group, fewer = known.get(k, (None, None))
+        if fewer is not None and len(widths[group]) == 1:
+            relation[k] = (("group", group), fewer)
+        else:
+            relation[k] = (("size", args[k].shape[0]), 0)
+    return relation
+
+
 def _admits(shape_env, exprs: list, widths: tuple) -> bool:
+    """Whether widths satisfy what the compile assumed: each row's size is one symbol
+    less a constant (or a constant), the symbols' values agree, and the ShapeEnv's
+    ranges, replacements and guards hold for them."""
     value: Dict[sympy.Symbol, sympy.Integer] = {}
     for e, w in zip(exprs, widths):
-        if e.is_number:
-            if e != w:
-                return False
-        elif value.setdefault(e, sympy.Integer(w)) != w:
-            return False
+        if not e.is_number:
+            (symbol,) = e.free_symbols
+            value.setdefault(symbol, sympy.Integer(w) - (e - symbol))
+    if any(e.xreplace(value) != w for e, w in zip(exprs, widths)):
+        return False
     for symbol, w in value.items():
         bounds = shape_env.var_to_range.get(symbol)
         if bounds is not None and not bounds.lower <= w <= bounds.upper:

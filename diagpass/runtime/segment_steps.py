@@ -24,10 +24,11 @@ needs gradients gets its backward, and a step that aliases or writes its
 inputs is handled there, as for any graph.
 
 A wavefront step whose group inputs were moved outside it (``passes/width_free.py``:
-its placeholders named in ``meta["group_inputs"]`` have the groups' width G as
-leading dim) is compiled once for a symbolic G (one symbol per distinct leading
-size, ``kernel_cache.symbolic_rows``) and cached with the test of what the compile
-assumed of G: the ramp steps of every width, and a new segment count's, share it.
+its placeholders named in ``meta["group_inputs"]`` have their group's width G, or
+G less a constant from ``meta["group_rows"]``, as leading dim) is compiled once for
+a symbolic G (``kernel_cache.symbolic_rows``) and cached with the test of what the
+compile assumed of G: the ramp steps of every width, and a new segment count's,
+share it.
 
 On the CPU a step is compiled with Inductor's C++ wrapper (``step_cpp_wrapper``):
 a step runs S times a call, and its Python wrapper (buffer allocation, an
@@ -89,6 +90,7 @@ class CompiledStep(torch.nn.Module):
                         if static_meta([example_value(ph)]) is None]
         # the inputs whose leading dim is the groups' width (passes/width_free.py)
         self.rows = tuple(step.meta.get("group_inputs", ()))
+        self.group_rows = tuple(step.meta.get("group_rows", ((None, None),) * len(self.rows)))
         self.kernels: Dict[tuple, Callable] = {}
 
     def forward(self, *args):
@@ -116,7 +118,7 @@ class CompiledStep(torch.nn.Module):
         cpp = self.cpp_wrapper and all(t.device.type == "cpu" for t in example)
         if self.rows and self.inner != "eager" and set(self.rows) <= set(tensors) \
                 and all(rows_outermost(args[i]) for i in self.rows):
-            structure = _intern(width_free_structure(step, [tensors.index(i) for i in self.rows])) \
+            structure = _intern(width_free_structure(step, [tensors.index(i) for i in self.rows], self.group_rows)) \
                 if dynamic else self.structure_id
             return self._width_free_kernel(step, args, tensors, structure, cpp)
         structure = _intern(graph_structure(step)) if dynamic else self.structure_id
@@ -142,8 +144,10 @@ class CompiledStep(torch.nn.Module):
         entries = _WIDTH_FREE_STEPS.setdefault(key, [])
         compiled = next((fn for admits, fn in entries if admits(widths)), None)
         if compiled is None:
-            fakes, admits = symbolic_rows(args, self.rows)
+            fakes, admits = symbolic_rows(args, self.rows, self.group_rows)
             compiled = self._compile(step, [fakes[i] for i in tensors], cpp, own_symbols=True)
+            if not admits(widths):  # its guards contradict the sizes it was traced at
+                raise RuntimeError(f"the kernel compiled for the widths {widths} does not admit them")
             counters[self.kind]["steps_compiled"] += 1
             counters[self.kind]["steps_width_free"] += 1
             if entries:

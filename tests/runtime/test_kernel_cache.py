@@ -5,7 +5,7 @@ import torch
 
 import diagpass
 from diagpass.models.armt import build_armt, randomize_memory_
-from diagpass.runtime.kernel_cache import admits_group_size, clear_kernel_cache, symbolic_group_args
+from diagpass.runtime.kernel_cache import admits_group_size, clear_kernel_cache, symbolic_group_args, symbolic_rows
 from diagpass.testing import assert_equivalent, assert_matches_eager
 
 
@@ -19,6 +19,28 @@ def test_symbolic_group_size_admits_what_the_compile_assumed():
     if fakes[0].shape[0] == 5:  # a cell that branches on G: the compile is specialised
         pass
     assert admits_group_size(shape_env, symbol)(5) and not admits_group_size(shape_env, symbol)(4)
+
+
+def test_rows_of_one_group_share_its_width_as_one_symbol():
+    """G = 2 with the rows an entering segment is cat to (G - 1 = 1): one symbol G, the
+    row input G - 1, so nothing is specialised to 1 and the widths that keep the relation
+    are admitted. A size with no group relation gets a symbol of its own (1: a constant)."""
+    rest, stack, weights, other = torch.zeros(1, 3), torch.zeros(2, 3), torch.zeros(2, 4, 4), torch.zeros(1, 5)
+    fakes, admits = symbolic_rows([rest, stack, weights, other, 7], [0, 1, 2, 3], [(0, 1), (0, 0), (0, 0), (1, None)])
+    G = fakes[1].shape[0]
+    assert str(fakes[0].shape[0]) == str(G - 1) and str(fakes[2].shape[0]) == str(G)
+    assert fakes[3].shape[0] == 1 and fakes[4] == 7  # specialised as before; numbers pass through
+    assert admits((1, 2, 2, 1)) and admits((2, 3, 3, 1)) and admits((9, 10, 10, 1))
+    assert not admits((2, 2, 2, 1))  # not G - 1 rows
+    assert not admits((1, 2, 3, 1))  # two widths for one group
+    assert not admits((0, 1, 1, 1))  # G = 1 is below the symbol's range
+    assert not admits((1, 2, 2, 2))  # the constant
+
+
+def test_a_group_whose_inputs_disagree_on_its_width_gets_a_symbol_per_size():
+    fakes, admits = symbolic_rows([torch.zeros(3, 2), torch.zeros(3, 2)], [0, 1], [(0, 0), (0, 1)])
+    assert str(fakes[0].shape[0]) == str(fakes[1].shape[0])  # 3 rows each: one size, one symbol
+    assert admits((4, 4)) and not admits((4, 3))
 
 
 def _model():
