@@ -188,19 +188,61 @@ def _effects_of_suspects(gm: fx.GraphModule, mode) -> Optional[Effects]:
         return None
     storages = {n: _storages(example_value(n)) for n in gm.graph.nodes if n.op != "output"}
     writes, returns_input = {}, {}
+    seen: Dict[tuple, tuple] = {}  # signature -> (written argument positions, position of the returned one)
     for n in suspects:
-        received = set().union(*(storages.get(a, frozenset()) for a in n.all_input_nodes))
-        recorder = _WriteRecorder()
-        with mode, torch.no_grad(), recorder:
-            result = _run_alone(n)
-        hit = recorder.written & received
-        if hit:
-            writes[n] = frozenset(hit)
-            same = [a for a in n.all_input_nodes if example_value(a) is result]
-            if same:
-                returns_input[n] = same[0]
-    counters["effects"]["suspects_run"] += len(suspects)
+        leaves = pytree.tree_leaves((n.args, n.kwargs))
+        signature = _signature(n, leaves, storages)
+        if signature in seen:
+            counters["effects"]["suspects_alike"] += 1
+        else:
+            received = set().union(*(storages.get(a, frozenset()) for a in n.all_input_nodes))
+            recorder = _WriteRecorder()
+            with mode, torch.no_grad(), recorder:
+                result = _run_alone(n)
+            counters["effects"]["suspects_run"] += 1
+            hit = recorder.written & received
+            written = tuple(i for i, a in enumerate(leaves) if isinstance(a, fx.Node) and storages.get(a, frozenset()) & hit)
+            same = next((i for i, a in enumerate(leaves) if isinstance(a, fx.Node) and example_value(a) is result), None)
+            if signature is None:
+                _record(n, leaves, (written, same), storages, writes, returns_input)
+                continue
+            seen[signature] = (written, same)
+        _record(n, leaves, seen[signature], storages, writes, returns_input)
     return Effects(writes, storages, returns_input)
+
+
+def _record(n: fx.Node, leaves: list, found: tuple, storages, writes, returns_input) -> None:
+    written, same = found
+    if written:
+        writes[n] = frozenset().union(*(storages[leaves[i]] for i in written))
+        if same is not None:
+            returns_input[n] = leaves[same]
+
+
+def _signature(n: fx.Node, leaves: list, storages) -> Optional[tuple]:
+    """All that running ``n`` alone on fake values depends on: its op, and per argument
+    the tensor's metadata and which earlier argument shares its storage, or the constant.
+    Suspects with one signature write the same arguments (e.g. every ``linear`` that
+    reads a parameter whose counter an in-place init bumped): run once. None (run it) for
+    an argument whose value is neither a tensor nor a hashable constant."""
+    parts: list = []
+    first: Dict[FrozenSet[Storage], int] = {}
+    for i, a in enumerate(leaves):
+        value = example_value(a) if isinstance(a, fx.Node) else a
+        if isinstance(value, torch.Tensor):
+            shared = first.setdefault(storages.get(a, frozenset()) if isinstance(a, fx.Node) else frozenset(), i)
+            parts.append((tuple(value.shape), value.stride(), value.storage_offset(), value.dtype, value.device,
+                          value.requires_grad, value.is_inference(), value._is_view(), value.layout, shared))
+        elif isinstance(value, (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format)):
+            parts.append((type(value), value))
+        else:
+            return None
+    spec = pytree.tree_structure((n.args, n.kwargs))
+    try:
+        hash((n.target, str(spec)))
+    except TypeError:
+        return None
+    return (n.op, n.target, str(spec), tuple(parts))
 
 
 def analyze_effects(gm: fx.GraphModule) -> Effects:

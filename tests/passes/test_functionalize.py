@@ -261,7 +261,8 @@ def test_version_counters_prove_a_graph_write_free_and_catch_inplace_keywords():
 @pytest.mark.parametrize("mode", ["relu_inplace", "setitem", "out", "method", "masked_fill_"])
 def test_suspects_run_alone_find_the_writes_the_whole_graph_run_finds(mode, monkeypatch):
     """The fast path (only nodes reading a tensor whose version counter moved,
-    each on Dynamo's own fake values) agrees with interpreting the whole graph."""
+    each signature once on Dynamo's own fake values) agrees with interpreting the
+    whole graph."""
     import diagpass.passes.effects as effects_mod
 
     def written_inputs(effects):
@@ -273,8 +274,11 @@ def test_suspects_run_alone_find_the_writes_the_whole_graph_run_finds(mode, monk
     torch.manual_seed(0)
     gm, _ = dynamo_graph(WritingNet(mode).eval(), torch.randn(1, 3 * SEG, D))
     before = diagpass.counters["effects"]["graphs_analyzed_by_suspects"]
+    alike = diagpass.counters["effects"]["suspects_alike"]
     fast = analyze_effects(gm)
     assert diagpass.counters["effects"]["graphs_analyzed_by_suspects"] == before + 1
+    # the cells' writers repeat one signature: run once each, the rest taken from it
+    assert diagpass.counters["effects"]["suspects_alike"] > alike
     monkeypatch.setattr(effects_mod, "_effects_of_suspects", lambda gm, mode: None)
     full = analyze_effects(gm)
     assert written_inputs(fast) == written_inputs(full) and len(fast.writes) >= 3 * L
@@ -291,3 +295,22 @@ def test_in_place_shape_change_is_refused_not_run():
     gm, _ = dynamo_graph(Unsqueezing(), torch.randn(3))
     with pytest.raises(diagpass.NotBatchable, match="shape or strides"):
         functionalize(gm)
+
+
+def test_suspects_are_alike_only_when_their_arguments_share_storages_alike():
+    """``a.add_(b)`` and ``c.add_(c)``: one op, one shape, but the second's arguments are
+    one storage; each runs, and both writes are found as the whole-graph run finds them."""
+    class Net(nn.Module):
+        def forward(self, x):
+            a, b, c = x * 1, x * 2, x * 3
+            a.add_(b)
+            c.add_(c)
+            return a + c
+
+    gm, _ = dynamo_graph(Net(), torch.randn(4))
+    alike = diagpass.counters["effects"]["suspects_alike"]
+    effects = analyze_effects(gm)
+    assert diagpass.counters["effects"]["suspects_alike"] == alike
+    written = {n.name: sorted(a.name for a in n.all_input_nodes if effects.storages[a] & w) for n, w in effects.writes.items()}
+    assert written == {"add_": ["a"], "add__1": ["c"]}
+    assert {n.name: a.name for n, a in effects.returns_input.items()} == {"add_": "a", "add__1": "c"}
