@@ -18,6 +18,7 @@ MODE_NAMES = {
     "diag_aot": "diagonal (aot_eager)",
     "diag_pywrapper": "diagonal (Inductor), steps with the Python wrapper (step_cpp_wrapper=False)",
     "stacked_pywrapper": "diagonal (Inductor), weights stored stacked, steps with the Python wrapper",
+    "stacked_batched": "diagonal (Inductor), weights stored stacked, batched (measure_band=1: not timed against sequential)",
     "stacked_fixed_width": "diagonal (Inductor), weights stored stacked, each width's wavefront step its own (symbolic_width=False)",
     "rolled": "diagonal rolled (Inductor kernels, compiled once)",
     "rolled_glue": "diagonal rolled, glue compiled too (compile_glue)",

@@ -14,7 +14,7 @@ import torch
 from .configs import Point
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-ALL_MODES = ["eager", "inductor", "inductor_bl", "diagonal", "diag_stacked", "stacked_inline", "seq_inline", "seq_steps", "diag_wsteps", "stacked_wsteps", "stacked_fixed_width", "stacked_whole", "diag_cached", "diag_pywrapper", "stacked_pywrapper", "rolled", "rolled_glue", "seq_rolled", "diag_aot",
+ALL_MODES = ["eager", "inductor", "inductor_bl", "diagonal", "diag_stacked", "stacked_inline", "seq_inline", "seq_steps", "diag_wsteps", "stacked_wsteps", "stacked_fixed_width", "stacked_batched", "stacked_whole", "diag_cached", "diag_pywrapper", "stacked_pywrapper", "rolled", "rolled_glue", "seq_rolled", "diag_aot",
              "bound", "base_eager", "base_inductor"]
 QUICK_MODES = ["eager", "inductor", "diagonal", "diag_stacked", "base_eager"]
 DEFAULT_MODES = ["eager", "inductor", "inductor_bl", "diagonal", "diag_stacked", "bound", "base_eager",
@@ -81,7 +81,7 @@ def model_key(mode: str) -> str:
     if mode.startswith("base"):
         return "base"
     return {"diag_stacked": "stacked", "stacked_inline": "stacked", "stacked_wsteps": "stacked", "stacked_whole": "stacked",
-            "stacked_fixed_width": "stacked",
+            "stacked_fixed_width": "stacked", "stacked_batched": "stacked",
             "stacked_pywrapper": "stacked", "bound": "bound"}.get(mode, "armt")
 
 
@@ -136,6 +136,8 @@ def make_fn(mode: str, model) -> Callable:
         f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "wavefront_steps": True})
     elif mode == "stacked_fixed_width":  # wavefront steps each compiled for its own width (before symbolic widths)
         f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "symbolic_width": False})
+    elif mode == "stacked_batched":  # stored stacks, batched whatever the first calls would time (measuring off)
+        f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "measure_band": 1})
     elif mode == "stacked_whole":  # diag_stacked with the batched graph compiled whole (shared subgraphs)
         f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "wavefront_steps": False})
     elif mode == "diag_cached":  # weights stacked once and kept between calls (one more copy of them)
