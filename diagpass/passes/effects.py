@@ -192,38 +192,41 @@ def _effects_of_suspects(gm: fx.GraphModule, mode) -> Optional[Effects]:
     for n in suspects:
         leaves = pytree.tree_leaves((n.args, n.kwargs))
         signature = _signature(n, leaves, storages)
-        if signature in seen:
-            counters["effects"]["suspects_alike"] += 1
+        found = seen.get(signature) if signature is not None else None
+        if found is None:
+            found = _run_suspect(n, leaves, storages, mode)
+            if signature is not None:
+                seen[signature] = found
         else:
-            received = set().union(*(storages.get(a, frozenset()) for a in n.all_input_nodes))
-            recorder = _WriteRecorder()
-            with mode, torch.no_grad(), recorder:
-                result = _run_alone(n)
-            counters["effects"]["suspects_run"] += 1
-            hit = recorder.written & received
-            written = tuple(i for i, a in enumerate(leaves) if isinstance(a, fx.Node) and storages.get(a, frozenset()) & hit)
-            same = next((i for i, a in enumerate(leaves) if isinstance(a, fx.Node) and example_value(a) is result), None)
-            if signature is None:
-                _record(n, leaves, (written, same), storages, writes, returns_input)
-                continue
-            seen[signature] = (written, same)
-        _record(n, leaves, seen[signature], storages, writes, returns_input)
+            counters["effects"]["suspects_alike"] += 1
+        written, same = found
+        if written:
+            writes[n] = frozenset().union(*(storages[leaves[i]] for i in written))
+            if same is not None:
+                returns_input[n] = leaves[same]
     return Effects(writes, storages, returns_input)
 
 
-def _record(n: fx.Node, leaves: list, found: tuple, storages, writes, returns_input) -> None:
-    written, same = found
-    if written:
-        writes[n] = frozenset().union(*(storages[leaves[i]] for i in written))
-        if same is not None:
-            returns_input[n] = leaves[same]
+def _run_suspect(n: fx.Node, leaves: list, storages, mode) -> tuple:
+    """``n`` run alone under the recorder: the positions in ``leaves`` of the arguments
+    whose storages it wrote, and of the one it returned (None)."""
+    received = set().union(*(storages.get(a, frozenset()) for a in n.all_input_nodes))
+    recorder = _WriteRecorder()
+    with mode, torch.no_grad(), recorder:
+        result = _run_alone(n)
+    counters["effects"]["suspects_run"] += 1
+    hit = recorder.written & received
+    written = tuple(i for i, a in enumerate(leaves) if isinstance(a, fx.Node) and storages.get(a, frozenset()) & hit)
+    same = next((i for i, a in enumerate(leaves) if isinstance(a, fx.Node) and example_value(a) is result), None)
+    return written, same
 
 
 def _signature(n: fx.Node, leaves: list, storages) -> Optional[tuple]:
     """All that running ``n`` alone on fake values depends on: its op, and per argument
     the tensor's metadata and which earlier argument shares its storage, or the constant.
     Suspects with one signature write the same arguments (e.g. every ``linear`` that
-    reads a parameter whose counter an in-place init bumped): run once. None (run it) for
+    reads a parameter stored stacked, whose fake's counter Dynamo's fakeification of the
+    view bumped): run once. None (run it) for
     an argument whose value is neither a tensor nor a hashable constant."""
     parts: list = []
     first: Dict[FrozenSet[Storage], int] = {}
@@ -237,12 +240,11 @@ def _signature(n: fx.Node, leaves: list, storages) -> Optional[tuple]:
             parts.append((type(value), value))
         else:
             return None
-    spec = pytree.tree_structure((n.args, n.kwargs))
     try:
-        hash((n.target, str(spec)))
+        hash(n.target)
     except TypeError:
         return None
-    return (n.op, n.target, str(spec), tuple(parts))
+    return (n.op, n.target, str(pytree.tree_structure((n.args, n.kwargs))), tuple(parts))
 
 
 def analyze_effects(gm: fx.GraphModule) -> Effects:

@@ -90,7 +90,7 @@ class CompiledStep(torch.nn.Module):
                         if static_meta([example_value(ph)]) is None]
         # the inputs whose leading dim is the groups' width (passes/width_free.py)
         self.rows = tuple(step.meta.get("group_inputs", ()))
-        self.group_rows = tuple(step.meta.get("group_rows", ((None, None),) * len(self.rows)))
+        self.group_rows = tuple(step.meta.get("group_rows", ()))  # set with group_inputs
         self.kernels: Dict[tuple, Callable] = {}
 
     def forward(self, *args):
