@@ -25,6 +25,9 @@ side (interleaved rounds, medians); --time-in-process times them where they were
   diag_cached  diagonal with cache_weight_stacks=True: weights stacked once, kept between calls
   diag_pywrapper / stacked_pywrapper   diagonal / diag_stacked with step_cpp_wrapper=False: the
                steps' kernels called from Inductor's Python wrapper (the C++ one is the default)
+  stacked_batched  diag_stacked with measure_band=1: batched, whatever timing the first calls would do
+  stacked_glue_in  stacked_batched with glue_steps=False: what enters and leaves at a wavefront
+               (embedding, logits) computed in its step, not in steps of its own
   stacked_fixed_width  diag_stacked with symbolic_width=False: each wavefront step compiled for
                its own group width (the default compiles one step for every width)
   rolled       diagonal with roll=True: each distinct batched step compiled once, host loop

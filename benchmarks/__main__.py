@@ -16,7 +16,7 @@ def main(argv=None):
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--segments", type=int, nargs="+", help="override the S sweep of the configs")
     ap.add_argument("--dtype", nargs="+", choices=["fp32", "bf16"], help="override dtypes")
-    ap.add_argument("--modes", nargs="+", help="subset of: eager inductor inductor_bl diagonal diag_stacked stacked_inline seq_inline seq_steps diag_wsteps stacked_wsteps stacked_fixed_width stacked_whole diag_cached diag_pywrapper stacked_pywrapper rolled rolled_glue seq_rolled diag_aot bound base_eager base_inductor")
+    ap.add_argument("--modes", nargs="+", help="subset of: eager inductor inductor_bl diagonal diag_stacked stacked_inline seq_inline seq_steps diag_wsteps stacked_wsteps stacked_fixed_width stacked_batched stacked_glue_in stacked_whole diag_cached diag_pywrapper stacked_pywrapper rolled rolled_glue seq_rolled diag_aot bound base_eager base_inductor")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--no-memory", action="store_true", help="skip the per-mode memory subprocesses")
     ap.add_argument("--memory", action="store_true", help="run the memory subprocesses even with --quick")

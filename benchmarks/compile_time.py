@@ -23,6 +23,8 @@ Each (S, L, mode) runs in a fresh subprocess (no warm caches). Modes:
   stacked     the defaults, weights stored stacked (diagpass.stack_weights_)
   stacked_fixed_width  the same with symbolic_width=False: each width's wavefront step
               compiled for its own G (before issue 16's width-free steps)
+  stacked_glue_in  the same with glue_steps=False: what enters and leaves at a wavefront
+              compiled in its step (before issue 16's glue steps)
   stacked_dynamic  the same with max_size_specializations=0: a graph Dynamo made
               dynamic (the second count of --model family) compiled once for all sizes
 --model: the reference ARMT-LLaMA (Dynamo specialises its length while tracing, so
@@ -69,7 +71,7 @@ CHILD = textwrap.dedent(
             "wavefront_steps": False}, "batched_whole": {"cost_model": False, "wavefront_steps": False},
             "seq_inline": {"shared_sequential": False, "segment_steps": False}, "steps": {"segment_steps": True},
             "stacked": {}, "stacked_dynamic": {"max_size_specializations": 0},
-            "stacked_fixed_width": {"symbolic_width": False}}[mode]
+            "stacked_fixed_width": {"symbolic_width": False}, "stacked_glue_in": {"glue_steps": False}}[mode]
     if mode.startswith("stacked"):
         diagpass.stack_weights_(model.layers)
     if mode == "regions":

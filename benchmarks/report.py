@@ -19,6 +19,7 @@ MODE_NAMES = {
     "diag_pywrapper": "diagonal (Inductor), steps with the Python wrapper (step_cpp_wrapper=False)",
     "stacked_pywrapper": "diagonal (Inductor), weights stored stacked, steps with the Python wrapper",
     "stacked_batched": "diagonal (Inductor), weights stored stacked, batched (measure_band=1: not timed against sequential)",
+    "stacked_glue_in": "diagonal (Inductor), weights stored stacked, batched, each wavefront's glue in its step (glue_steps=False)",
     "stacked_fixed_width": "diagonal (Inductor), weights stored stacked, each width's wavefront step its own (symbolic_width=False)",
     "rolled": "diagonal rolled (Inductor kernels, compiled once)",
     "rolled_glue": "diagonal rolled, glue compiled too (compile_glue)",

@@ -14,7 +14,7 @@ import torch
 from .configs import Point
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-ALL_MODES = ["eager", "inductor", "inductor_bl", "diagonal", "diag_stacked", "stacked_inline", "seq_inline", "seq_steps", "diag_wsteps", "stacked_wsteps", "stacked_fixed_width", "stacked_batched", "stacked_whole", "diag_cached", "diag_pywrapper", "stacked_pywrapper", "rolled", "rolled_glue", "seq_rolled", "diag_aot",
+ALL_MODES = ["eager", "inductor", "inductor_bl", "diagonal", "diag_stacked", "stacked_inline", "seq_inline", "seq_steps", "diag_wsteps", "stacked_wsteps", "stacked_fixed_width", "stacked_batched", "stacked_glue_in", "stacked_whole", "diag_cached", "diag_pywrapper", "stacked_pywrapper", "rolled", "rolled_glue", "seq_rolled", "diag_aot",
              "bound", "base_eager", "base_inductor"]
 QUICK_MODES = ["eager", "inductor", "diagonal", "diag_stacked", "base_eager"]
 DEFAULT_MODES = ["eager", "inductor", "inductor_bl", "diagonal", "diag_stacked", "bound", "base_eager",
@@ -81,7 +81,7 @@ def model_key(mode: str) -> str:
     if mode.startswith("base"):
         return "base"
     return {"diag_stacked": "stacked", "stacked_inline": "stacked", "stacked_wsteps": "stacked", "stacked_whole": "stacked",
-            "stacked_fixed_width": "stacked", "stacked_batched": "stacked",
+            "stacked_fixed_width": "stacked", "stacked_batched": "stacked", "stacked_glue_in": "stacked",
             "stacked_pywrapper": "stacked", "bound": "bound"}.get(mode, "armt")
 
 
@@ -138,6 +138,8 @@ def make_fn(mode: str, model) -> Callable:
         f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "symbolic_width": False})
     elif mode == "stacked_batched":  # stored stacks, batched whatever the first calls would time (measuring off)
         f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "measure_band": 1})
+    elif mode == "stacked_glue_in":  # stacked_batched with each wavefront's glue in its step (before glue steps)
+        f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "measure_band": 1, "glue_steps": False})
     elif mode == "stacked_whole":  # diag_stacked with the batched graph compiled whole (shared subgraphs)
         f = torch.compile(model, backend="diagonal", options={"inner": "inductor", "wavefront_steps": False})
     elif mode == "diag_cached":  # weights stacked once and kept between calls (one more copy of them)
@@ -226,7 +228,7 @@ def compile_modes(point: Point, modes: List[str], device: str = "cpu", log=print
                 fused = fusion_counts()
                 entry["fusions"] = {k: v - fused0.get(k, 0) for k, v in fused.items() if v != fused0.get(k, 0)}
             settle(fn, x, device)
-            if mode in ("diagonal", "diag_stacked", "stacked_wsteps", "stacked_fixed_width", "stacked_whole", "diag_pywrapper", "stacked_pywrapper", "stacked_inline", "seq_inline", "seq_steps", "rolled", "rolled_glue", "seq_rolled", "diag_aot", "inductor", "inductor_bl"):
+            if mode in ("diagonal", "diag_stacked", "stacked_wsteps", "stacked_fixed_width", "stacked_batched", "stacked_glue_in", "stacked_whole", "diag_pywrapper", "stacked_pywrapper", "stacked_inline", "seq_inline", "seq_steps", "rolled", "rolled_glue", "seq_rolled", "diag_aot", "inductor", "inductor_bl"):
                 entry["diag"] = _diag_report()  # after settling: a measured choice is made by then
             fns[mode] = fn
             res[mode] = entry

@@ -71,6 +71,14 @@ class Options:
                group width G: the ramp wavefronts of every width share one kernel, and
                a segment count below L, or a new one, compiles no step for a width it
                has not met. False compiles each width's step for its own G.
+    glue_steps: a wavefront's glue runs in steps of its own: what enters (the
+               segment's embedding, its cat with the memory tokens) before its
+               wavefront's step, what leaves (the final norm, the logits) after it,
+               each such step one structure for every segment. A wavefront's step is
+               then its cells only, so the wavefronts of a segment count, whether or
+               not segments enter or leave at them, share their steps with every
+               other count's. False keeps the glue in the wavefront's step (one
+               structure per kind of wavefront: ramp, steady, segment 0 leaving).
     step_cpp_wrapper: with Inductor, segment and wavefront steps whose tensors are
                on the CPU are compiled with Inductor's C++ wrapper (``cpp_wrapper``):
                the code around a step's kernels (buffer allocation, the size and
@@ -116,6 +124,7 @@ class Options:
     segment_steps: bool = True
     wavefront_steps: bool = True
     symbolic_width: bool = True
+    glue_steps: bool = True
     step_cpp_wrapper: bool = True
     cost_model: bool = True
     max_memory_ratio: float = 1.1

@@ -43,6 +43,11 @@ from diagpass.passes.autocast import restore_autocast_regions
 PROLOGUE, EPILOGUE = -1, 1 << 30
 
 
+# Between steps ``r - 1`` and ``r`` (integers), in this order: the step of what enters
+# at ``r`` (``entering(r)``), the outer graph (``outside_before(r)``, which is
+# ``outside_after(r - 1)``), the step of what leaves at ``r - 1`` (``leaving(r - 1)``).
+
+
 def outside_after(r: int) -> float:
     """The region of the outer graph between step ``r`` and step ``r + 1``."""
     return r + 0.5
@@ -53,18 +58,40 @@ def outside_before(r: int) -> float:
     return r - 0.5
 
 
+def entering(r: int) -> float:
+    """A step of its own before step ``r``, before the outer graph that precedes it."""
+    return r - 0.75
+
+
+def leaving(r: int) -> float:
+    """A step of its own after step ``r``, after the outer graph that follows it."""
+    return r + 0.75
+
+
 def is_outer(r) -> bool:
     """Whether region ``r`` stays in the outer graph (not a step of its own)."""
-    return r in (PROLOGUE, EPILOGUE) or r != int(r)
+    return r in (PROLOGUE, EPILOGUE) or r % 1 == 0.5
+
+
+def step_name(prefix: str, r) -> str:
+    """``{prefix}_{r}``; ``{prefix}_{r}_enter`` for ``entering(r)``, ``{prefix}_{r}_leave`` for ``leaving(r)``."""
+    if r == int(r):
+        return f"{prefix}_{int(r)}"
+    if r % 1 == 0.25:
+        return f"{prefix}_{int(r + 0.75)}_enter"
+    return f"{prefix}_{int(r - 0.75)}_leave"
 
 
 @dataclasses.dataclass(frozen=True)
 class Steps:
-    """The outer graph: prologue, one ``call_module`` per step, epilogue."""
+    """The outer graph: prologue, one ``call_module`` per step, epilogue. ``num_steps``
+    counts the steps of integer regions, ``num_glue_steps`` those of ``entering`` and
+    ``leaving`` regions; ``num_structures`` both."""
 
     gm: fx.GraphModule
     num_steps: int
     num_structures: int
+    num_glue_steps: int = 0
 
 
 class NotCrossable(Exception):
@@ -88,6 +115,7 @@ def cut(gm: fx.GraphModule, place: Dict[fx.Node, tuple], kind: str) -> Tuple[Opt
         return None, f"a value crossing a {kind}'s cut is not a tensor or a number ({e})"
     counters[f"{kind}_steps"]["graphs"] += 1
     counters[f"{kind}_steps"]["steps"] += steps.num_steps
+    counters[f"{kind}_steps"]["glue_steps"] += steps.num_glue_steps
     return steps, ""
 
 
@@ -109,7 +137,7 @@ def _cut_regions(gm: fx.GraphModule, regions: Dict[int, List[fx.Node]], prefix: 
                 env[n] = out.node_copy(n, env.__getitem__)
             continue
         sub, inputs, outputs = _region(gm, nodes)
-        name = f"{prefix}_{int(r)}"
+        name = step_name(prefix, r)
         root[name] = sub
         call = out.call_module(name, tuple(_dense(out, env, dense, i, views) for i in inputs))
         for j, o in enumerate(outputs):
@@ -125,8 +153,9 @@ def _cut_regions(gm: fx.GraphModule, regions: Dict[int, List[fx.Node]], prefix: 
     new = fx.GraphModule(root, out, class_name=type(gm).__name__)
     new.meta = dict(gm.meta)
     restore_autocast_regions(new)  # the prologue's and epilogue's nodes (each step restores its own)
-    steps = [m for _, m in new.named_children() if "structure" in m.meta]
-    return Steps(new, len(steps), len({m.meta["structure"] for m in steps}))
+    steps = {name: m for name, m in new.named_children() if "structure" in m.meta}
+    glue = sum(name.endswith(("_enter", "_leave")) for name in steps)
+    return Steps(new, len(steps) - glue, len({m.meta["structure"] for m in steps.values()}), glue)
 
 
 def topological(gm: fx.GraphModule, order: List[fx.Node]) -> bool:

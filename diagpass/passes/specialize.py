@@ -35,7 +35,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import sympy
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_flatten
 
 from diagpass.counters import counters
@@ -99,23 +100,105 @@ def specialize(gm: fx.GraphModule, sizes: SymbolicSizes, args: Sequence) -> fx.G
     if any(isinstance(getattr(out, n.target, None), fx.GraphModule) for n in out.graph.find_nodes(op="get_attr")):
         raise NotBatchable("a subgraph call stayed after inlining: its body's sizes would stay symbolic")
     symbolic = {n for n in out.graph.nodes if _is_symbolic(example_value(n))}
-    _StaticValues(out).run(*args)
+    if not _rerun_changing_values(out, symbolic, args):
+        mode = FakeTensorMode()
+        _StaticValues(out, mode).run(*_static_fakes(mode, args))
+        counters["specialize"]["graphs_run_whole"] += 1
     _fold_numbers(out, symbolic)
     out.recompile()
     counters["specialize"]["graphs_specialized"] += 1
     return out
 
 
+def _rerun_changing_values(gm: fx.GraphModule, symbolic: set, args: Sequence) -> bool:
+    """Only the nodes whose values change with the sizes run again, in Dynamo's fake mode;
+    the rest keep Dynamo's values, which no size changes. A value changes if it has a
+    symbolic size, or shares storage with a value that changes (a view of the input, a
+    write into it: it must stay a view of the new value). Every fake's version counter
+    ends as Dynamo's. False, having changed nothing, where Dynamo's values are not all
+    one mode's fakes or an input that changes shares storage (run the whole graph)."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    values = [v for n in gm.graph.nodes for v in tree_flatten(example_value(n))[0] if isinstance(v, torch.Tensor)]
+    modes = {id(v.fake_mode): v.fake_mode for v in values if isinstance(v, FakeTensor)}
+    if len(modes) != 1 or len(values) != sum(isinstance(v, FakeTensor) for v in values):
+        return False
+    rerun = _changing(gm, symbolic)
+    changing_inputs = [a for ph, a in zip(placeholders, args) if ph in rerun and isinstance(a, torch.Tensor)]
+    others = [a for ph, a in zip(placeholders, args) if ph not in rerun]
+    if any(a.storage_offset() for a in changing_inputs) or len(_storages(changing_inputs)) != len(changing_inputs) \
+            or _storages(changing_inputs) & _storages(others):
+        return False  # fresh fakes would not share what the arguments share
+    if any(isinstance(a, torch.Tensor) and not isinstance(example_value(ph), FakeTensor)
+           for ph, a in zip(placeholders, args) if ph not in rerun):
+        return False
+    mode = next(iter(modes.values()))
+    inputs = [a if ph in rerun or not isinstance(a, torch.Tensor) else example_value(ph)
+              for ph, a in zip(placeholders, args)]
+    versions = [(v, v._version) for v in values]
+    recorded = {n: example_value(n) for n in rerun}
+    _StaticValues(gm, mode, rerun).run(*_static_fakes(mode, inputs, fresh=set(map(id, changing_inputs))))
+    _unsafe_set_versions(versions)  # what a node run again wrote into Dynamo's values
+    for n, old in recorded.items():  # and the new values' counters as Dynamo's were
+        new = tree_flatten(example_value(n))[0]
+        old = tree_flatten(old)[0]
+        _unsafe_set_versions([(a, b._version) for a, b in zip(new, old)
+                              if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)])
+    counters["specialize"]["nodes_run_again"] += len(rerun)
+    counters["specialize"]["nodes_kept"] += len(gm.graph.nodes) - len(rerun)
+    return True
+
+
+def _changing(gm: fx.GraphModule, symbolic: set) -> set:
+    """The nodes whose values change with the sizes (``_rerun_changing_values``)."""
+    changing, storages = set(), set()
+    for n in gm.graph.nodes:
+        mine = _storages(example_value(n))
+        if n in symbolic or (mine & storages and any(a in changing for a in n.all_input_nodes)):
+            changing.add(n)
+            storages |= mine
+    return changing
+
+
+def _storages(value) -> set:
+    return {StorageWeakRef(t.untyped_storage()) for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)}
+
+
+def _unsafe_set_versions(pairs) -> None:
+    pairs = [(t, v) for t, v in pairs if not t.is_inference()]
+    if pairs:
+        torch._C._autograd._unsafe_set_version_counter(tuple(t for t, _ in pairs), tuple(v for _, v in pairs))
+
+
+def _static_fakes(mode: FakeTensorMode, args: Sequence, fresh: Optional[set] = None) -> list:
+    """Static fakes of the real tensors in ``args`` (all of them, or those in ``fresh``: new
+    tensors of their metadata, not the mode's memo of the same tensor, which may be symbolic);
+    fakes and numbers as they are."""
+    out = []
+    for a in args:
+        if not isinstance(a, torch.Tensor) or isinstance(a, FakeTensor):
+            out.append(a)
+        elif fresh is None:
+            out.append(mode.from_tensor(a, static_shapes=True))
+        elif id(a) in fresh:
+            with mode:
+                fake = torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device)
+            out.append(fake.requires_grad_(a.requires_grad))
+        else:
+            out.append(a)
+    return out
+
+
 class _StaticValues(fx.Interpreter):
     """Runs the graph on static fakes of the arguments, recording each node's value where
-    Dynamo recorded one; grad mode and autocast are restored whatever happens."""
+    Dynamo recorded one (with ``rerun``: only those nodes run, and the nodes Dynamo recorded
+    no value for; the rest give Dynamo's); grad mode and autocast are restored whatever
+    happens."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, rerun: Optional[set] = None):
         super().__init__(gm)
-        self.mode = FakeTensorMode()
+        self.mode, self.rerun = mode, rerun
 
-    def run(self, *args):
-        fakes = [self.mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in args]
+    def run(self, *fakes):
         grad = torch.is_grad_enabled()
         try:
             with self.mode, torch.autocast("cpu", enabled=torch.is_autocast_enabled("cpu")):
@@ -128,6 +211,9 @@ class _StaticValues(fx.Interpreter):
         return self.mode.from_tensor(value, static_shapes=True) if isinstance(value, torch.Tensor) else value
 
     def run_node(self, n: fx.Node):
+        if self.rerun is not None and n not in self.rerun and n.op != "placeholder" \
+                and example_value(n) is not None:
+            return example_value(n)
         value = super().run_node(n)
         for key in ("example_value", "val"):
             if key in n.meta:

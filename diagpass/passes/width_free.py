@@ -135,6 +135,8 @@ def _split_stack(gm: fx.GraphModule, call: fx.Node, stack: fx.Node, G: int, t: f
     whole = first == 0 and last == len(items) - 1
     with gm.graph.inserting_before(stack):
         outer = _rows_view(gm, stack, run, (outside_before(t), key), place)
+        if outer is None:
+            outer = _rows_cat(gm, stack, run, (outside_before(t), key), place)
         if outer is None and whole:
             _move(stack, outside_before(t), place)
             stack.meta[GROUP_INPUT] = _rows_of(call, stack, G)
@@ -180,6 +182,30 @@ def _rows_view(gm: fx.GraphModule, like: fx.Node, run: list, where, place: Place
         return None
     counters["wavefront_steps"]["stacks_as_views"] += 1
     return _node_like(gm, like, operator.getitem, (result, slice(j, j + len(run))), {}, where, place)
+
+
+def _rows_cat(gm: fx.GraphModule, like: fx.Node, run: list, where, place: Place) -> Optional[fx.Node]:
+    """``cat`` of the run's stretches of consecutive rows of one result, each a view
+    (``_rows_view``), and its other items unsqueezed: the entering segment's hidden state
+    and the rows of the staying ones. None where no stretch has two rows or more (a stack
+    is then as cheap)."""
+    stretches: list = []
+    for item in run:
+        last = stretches[-1][-1] if stretches else None
+        if last is not None and _is_row(item) and _is_row(last) and item.args[0] is last.args[0] \
+                and item.args[1] == last.args[1] + 1:
+            stretches[-1].append(item)
+        else:
+            stretches.append([item])
+    views = [_rows_view(gm, like, s, where, place) if len(s) > 1 else None for s in stretches]
+    if not any(v is not None for v in views):
+        return None
+    parts = []
+    for stretch, view in zip(stretches, views):
+        parts += [view] if view is not None else \
+            [_node_like(gm, like, torch.unsqueeze, (item, 0), {}, where, place) for item in stretch]
+    counters["wavefront_steps"]["stacks_as_cats"] += 1
+    return _node_like(gm, like, torch.cat, (parts,), {}, where, place)
 
 
 def _node_like(gm: fx.GraphModule, like: fx.Node, target, args, kwargs, where, place: Place) -> fx.Node:

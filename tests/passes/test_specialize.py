@@ -4,8 +4,12 @@ graph computes, and sizes that break the graph's own relations are refused."""
 
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
+import diagpass
 from diagpass.errors import NotBatchable
+from diagpass.models.family import FamilyConfig, build_family_model
+from diagpass.passes import specialize as specialize_module
 from diagpass.passes.specialize import concrete, specialize, symbolic_sizes
 from tests.helpers import dynamo_graphs
 from tests.passes.graph_text import render
@@ -84,3 +88,59 @@ def test_an_in_place_write_through_a_view_keeps_its_values():
     out = specialize(gm, symbolic_sizes(gm), args)
     torch.testing.assert_close(out(*args)[0], fn(x), rtol=0, atol=0)
     assert "sub" not in out.code and "sub" in gm.code  # the view's start is a constant now
+
+
+def _metadata(gm):
+    """Every node's values as the passes read them: sizes, strides, offset, dtype, grad, version
+    counter, and which earlier value (node, leaf) first had its storage."""
+    first, out = {}, []
+    for n in gm.graph.nodes:
+        for k, v in enumerate(torch.utils._pytree.tree_leaves(n.meta.get("example_value"))):
+            if isinstance(v, torch.Tensor):
+                owner = first.setdefault(StorageWeakRef(v.untyped_storage()), (n.name, k))
+                out.append((n.name, k, tuple(v.shape), v.stride(), v.storage_offset(), v.dtype, v.requires_grad,
+                            v._version, owner))
+            else:
+                out.append((n.name, k, v))
+    return out
+
+
+def _writes(x):
+    y = x.clone()
+    head = y.view(-1)[:4]  # static sizes, a view of a value whose sizes change: runs again
+    head.mul_(3)
+    buf = torch.zeros(2, 32)  # kept: Dynamo's value; the write below (it runs again) must not bump it twice
+    buf[:, :x.shape[1]] = x
+    return y + 1, head * 2, buf
+
+
+@pytest.mark.parametrize("form", ["writes", "family_stacked"])
+def test_only_the_values_that_change_run_again_and_they_come_out_as_the_whole_run(form, monkeypatch):
+    """Dynamo's values that no size changes are kept (views of a value that changes run
+    again, to stay its views); the graph's values, their aliasing and their version counters
+    (the write analysis reads them) are those of running the whole graph again."""
+    if form == "writes":
+        graphs, x = _graphs(_writes, (2, 8), (2, 12)), torch.randn(2, 16)
+    else:
+        model = build_family_model(FamilyConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, segment_size=4,
+                                                num_mem_tokens=2, memory_kind="associative"), seed=0).eval()
+        diagpass.stack_weights_(model.layers)  # parameters are views of a stack, their fakes' counters bumped
+        graphs = dynamo_graphs(model, (torch.randint(0, 64, (1, 12)),), (torch.randint(0, 64, (1, 20)),))
+        x = torch.randint(0, 64, (1, 18))  # five segments as the second call, the last one shorter
+    _, (gm, example_inputs) = graphs
+    args = [x.shape[1] if isinstance(a, torch.SymInt) else  # the length; the input, longer than both calls'
+            x if isinstance(a, torch.Tensor) and a.dim() == x.dim() and a.dtype == x.dtype and a.shape[0] == x.shape[0] else a
+            for a in example_inputs]
+    assert sum(a is x for a in args) == 1
+    mark = dict(diagpass.counters["specialize"])
+    with torch.no_grad():  # the grad mode Dynamo traced under (it guards it): the backend's at the call
+        partial = specialize(gm, symbolic_sizes(gm), args)
+    c = diagpass.counters["specialize"]
+    assert c["graphs_run_whole"] == mark.get("graphs_run_whole", 0)
+    again, kept = (c[k] - mark.get(k, 0) for k in ("nodes_run_again", "nodes_kept"))
+    assert again > 0 and (form == "writes" or again < kept)  # the model: a few slices of the input, the output
+    monkeypatch.setattr(specialize_module, "_rerun_changing_values", lambda *a: False)
+    with torch.no_grad():
+        whole = specialize(gm, symbolic_sizes(gm), args)
+    assert _metadata(partial) == _metadata(whole)
+    torch.testing.assert_close(partial(*args), whole(*args), rtol=0, atol=0)

@@ -29,8 +29,9 @@ def _armt(L=3):
     return randomize_memory_(build_armt("llama", num_layers=L, segment_size=8, num_mem_tokens=2, d_mem=8, seed=3))
 
 
-def _structures(steps):
-    calls = [n for n in steps.gm.graph.nodes if n.op == "call_module"]
+def _structures(steps, glue=False):
+    """The structures of the wavefronts' steps in order; ``glue``: of the glue steps."""
+    calls = [n for n in steps.gm.graph.nodes if n.op == "call_module" and n.target.endswith(("_enter", "_leave")) == glue]
     return [steps.gm.get_submodule(n.target).meta["structure"] for n in calls]
 
 
@@ -38,14 +39,19 @@ def _structures(steps):
 def test_armt_steady_wavefronts_share_one_structure(S):
     L = 3
     gm, inputs, steps, why = _cut(_armt(L), torch.randint(0, 128, (1, 8 * S)))
-    assert why == "" and steps.num_steps == S + L - 1
+    assert why == "" and steps.num_steps == S + L - 1 and steps.num_glue_steps == 2 * S
     structures = _structures(steps)
-    # wavefronts L .. S-1 hold no first-segment cell and all L layers: one structure (the
-    # last segment's cells are the middle ones', passes/complete_cells.py)
-    assert len(set(structures[L:S])) == 1
-    # the ramps: L wavefronts up (the first segment's cells), L - 1 down (fewer layers)
-    assert steps.num_structures == 2 * L
-    assert len(set(structures[:L] + structures[S:])) == 2 * L - 1
+    # wavefronts L .. S+L-3 hold no first-segment cell: one group call, whose width is its
+    # inputs' (passes/width_free.py), whether a segment enters or leaves there (the glue is
+    # in steps of its own); the last segment's cells are the middle ones'
+    # (passes/complete_cells.py)
+    assert len(set(structures[L:S + L - 2])) == 1
+    # the first segment's cell beside the rest at 0 .. L-1, then the last cell alone
+    assert len(set(structures[:L] + structures[-1:])) == L + 1
+    # every segment's entering glue one structure, its leaving glue another
+    glue = _structures(steps, glue=True)
+    assert len(set(glue)) == 2 and not set(glue) & set(structures)
+    assert steps.num_structures == L + 4
     assert_same_outputs(gm, steps.gm, inputs)
 
 
@@ -74,7 +80,8 @@ def test_family_models_cut_bit_for_bit(kind):
     S = 7
     gm, inputs, steps, why = _cut(build_family_model(cfg, seed=0).eval(), torch.randint(0, 64, (1, 8 * S)))
     assert why == "", why
-    assert steps.num_steps == S + 3 - 1 and steps.num_structures < steps.num_steps
+    assert steps.num_steps == S + 3 - 1 and steps.num_glue_steps == 2 * S
+    assert steps.num_structures < steps.num_steps
     assert_same_outputs(gm, steps.gm, inputs)
 
 
@@ -93,7 +100,7 @@ def test_autocast_regions_are_cut_with_the_wavefronts():
     the steady wavefronts still one structure."""
     S, L = 6, 3
     gm, inputs, steps, why = _cut(Autocast(_armt(L)), torch.randint(0, 128, (1, 8 * S)))
-    assert why == "" and steps.num_steps == S + L - 1 and steps.num_structures == 2 * L
+    assert why == "" and steps.num_steps == S + L - 1 and steps.num_structures == L + 4
     for n in steps.gm.graph.nodes:
         if n.op == "call_module":
             sub = steps.gm.get_submodule(n.target)

@@ -20,17 +20,19 @@ def test_inference_batches_and_compiles_each_distinct_wavefront_once():
     mark = report_count()
     assert_equivalent(steps_armt(), steps_ids(7), options=BATCHED)  # expect_batched: groups of 2 or more ran
     (report,) = reports_since(mark)
-    # wavefronts 3..6 (the last segment entering at 6): one structure (passes/complete_cells.py)
-    assert report.wavefront_steps == {"steps": 9, "structures": 6}
+    # wavefronts 3..8 (group calls only: the glue is in steps of its own, one entering and one
+    # leaving per segment, each one structure) are one step; the last segment entering at 6 too
+    # (passes/complete_cells.py). Then the first three wavefronts and the last cell.
+    assert report.wavefront_steps == {"steps": 9, "glue_steps": 14, "structures": 7}
     c = diagpass.counters["wavefront_steps"]
-    assert c["steps_compiled"] == 6 and c["step_cache_hits"] == 3 and c["calls_uncompiled"] == 0
+    assert c["steps_compiled"] == 7 and c["step_cache_hits"] == 16 and c["calls_uncompiled"] == 0
 
 
 def test_gradients_flow_through_every_wavefront():
     assert_equivalent(steps_armt(), steps_ids(6), options=BATCHED, grads=True)
     # with gradients the last segment's unread memory write is not a step output (it would give
-    # a parameter only it reads a zero gradient, not None): its entering wavefront stays apart
-    assert diagpass.counters["wavefront_steps"]["steps_compiled"] == 7
+    # a parameter only it reads a zero gradient, not None): the wavefronts it is in stay apart
+    assert diagpass.counters["wavefront_steps"]["steps_compiled"] == 9
 
 
 def test_the_option_off_compiles_the_batched_graph_whole():
@@ -48,19 +50,23 @@ def test_a_new_segment_count_compiles_only_the_wavefronts_it_has_not_met():
         first = diagpass.counters["wavefront_steps"]["steps_compiled"]
         assert_matches_eager(model, compiled(steps_ids(9)), steps_ids(9))  # Dynamo recompiles, sizes symbolic
     c = diagpass.counters["wavefront_steps"]
-    assert first == 6 and c["steps_compiled"] == first  # every wavefront of S=9 was met at S=7
+    assert first == 7 and c["steps_compiled"] == first  # every wavefront of S=9 was met at S=7
     assert c["graphs_compiled_whole"] == 0  # a hit passes the site's own tensors to the kernel
 
 
-@pytest.mark.parametrize("symbolic_width, new_steps", [(True, 2), (False, 5)])
-def test_a_segment_count_below_L_then_above_compiles_only_the_kinds_of_wavefront_it_has_not_met(symbolic_width, new_steps):
-    """S = 3 < L = 5 meets the ramps at widths up to 2 only. S = 8 then compiles, with symbolic
-    widths, only the wavefront where segment 0 leaves as segment 4 enters and the steady one
-    (new kinds): the ramp up's kernel, compiled at G = 2 (its rows G - 1 = 1 are G - 1, not a
-    size specialised to 1), admits widths 3 and 4. With fixed widths S = 8 also compiles each
-    width from 3 to 4 of the ramps."""
+@pytest.mark.parametrize("symbolic_width, glue_steps, new_steps", [(True, True, 0), (True, False, 2), (False, True, 5)])
+def test_a_segment_count_below_L_then_above_compiles_only_the_kinds_of_wavefront_it_has_not_met(
+        symbolic_width, glue_steps, new_steps):
+    """S = 3 < L = 5 meets the ramps at widths up to 2 only. With symbolic widths and the
+    glue in steps of its own (the defaults), S = 8 compiles nothing: its wavefronts are
+    group calls (a first-segment cell beside some) of widths the kernel compiled at G = 2
+    admits (its rows G - 1 = 1 are G - 1, not a size specialised to 1). With the glue in the
+    wavefronts' steps, S = 8 compiles the kinds S = 3 never has: segment 0 leaving as
+    segment 4 enters, and the steady one. With fixed widths, each width from 3 to 5 it has
+    not met."""
     model = randomize_memory_(build_armt("llama", num_layers=5, segment_size=8, num_mem_tokens=2, d_mem=8, seed=5))
-    compiled = torch.compile(model, backend="diagonal", options={**BATCHED, "symbolic_width": symbolic_width})
+    compiled = torch.compile(model, backend="diagonal", options={**BATCHED, "symbolic_width": symbolic_width,
+                                                                   "glue_steps": glue_steps})
     c = diagpass.counters["wavefront_steps"]
     compiled_after = []
     with torch.no_grad():
@@ -68,7 +74,7 @@ def test_a_segment_count_below_L_then_above_compiles_only_the_kinds_of_wavefront
             assert_matches_eager(model, compiled(steps_ids(S)), steps_ids(S))
             compiled_after.append(c["steps_compiled"])
     assert compiled_after[1] - compiled_after[0] == new_steps
-    assert compiled_after[2] == compiled_after[1]  # S = 12: nothing new, with either
+    assert compiled_after[2] == compiled_after[1]  # S = 12: nothing new, with any
     assert c["graphs_compiled_whole"] == 0 and c["calls_uncompiled"] == 0
     assert (c["steps_width_free"] > 0) == symbolic_width
 
@@ -95,7 +101,7 @@ def test_a_model_under_autocast_batches_as_wavefront_steps_and_matches_eager():
     mark = report_count()
     assert_equivalent(Autocast(steps_armt()), steps_ids(6), options=BATCHED, expect_batched=True, rtol=2e-2, atol=2e-2)
     (report,) = reports_since(mark)
-    assert report.wavefront_steps == {"steps": 8, "structures": 6}
+    assert report.wavefront_steps == {"steps": 8, "glue_steps": 12, "structures": 7}
     assert diagpass.counters["wavefront_steps"]["graphs_compiled_whole"] == 0
 
 
