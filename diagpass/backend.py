@@ -135,9 +135,7 @@ def _batched_when_stacked(plan: Plan, full_args, sequential: Callable, arity: in
 
 
 def _compile_rewritten(gm: fx.GraphModule, args, opts: Options, report) -> Callable:
-    steps = None
-    if opts.wavefront_steps and not opts.roll:
-        steps = pipeline.wavefront_steps_rewrite(gm, report, opts.symbolic_width, opts.glue_steps)
+    steps = pipeline.wavefront_steps_rewrite(gm, report, opts) if opts.wavefront_steps and not opts.roll else None
     if steps is None:
         return _compile_whole(gm, args, opts)
     compiled = compile_steps(steps, opts.inner, True, "wavefront_steps", opts.step_cpp_wrapper)

@@ -254,11 +254,12 @@ def segment_steps_rewrite(plan: Plan) -> Optional[fx.GraphModule]:
     return steps.gm if steps is not None else None
 
 
-def wavefront_steps_rewrite(gm: fx.GraphModule, report: GraphReport, symbolic_width: bool = True,
-                            glue_steps: bool = True) -> Optional[fx.GraphModule]:
+def wavefront_steps_rewrite(gm: fx.GraphModule, report: GraphReport, options: Options) -> Optional[fx.GraphModule]:
     """A lowered batched graph (or its stacked variant) cut into one call per wavefront
-    (``passes/wavefront_steps.py``); None when it cannot be cut (then it compiles whole)."""
-    steps = _steps(lambda: wavefront_steps(gm, symbolic_width, glue_steps), "the batched graph", "wavefront")
+    (``passes/wavefront_steps.py``, with ``options.symbolic_width`` and ``options.glue_steps``);
+    None when it cannot be cut (then it compiles whole)."""
+    steps = _steps(lambda: wavefront_steps(gm, options.symbolic_width, options.glue_steps), "the batched graph",
+                   "wavefront")
     if steps is not None:
         report.wavefront_steps = {"steps": steps.num_steps, "glue_steps": steps.num_glue_steps,
                                   "structures": steps.num_structures}

@@ -86,8 +86,9 @@ def symbolic_sizes(gm: fx.GraphModule) -> Optional[SymbolicSizes]:
     return SymbolicSizes(tuple(sorted(sources.items(), key=lambda kv: str(kv[0]))))
 
 
-def specialize(gm: fx.GraphModule, sizes: SymbolicSizes, args: Sequence) -> fx.GraphModule:
-    """A static copy of ``gm`` for ``args`` (real tensors and numbers, as the call passes them)."""
+def specialize(gm: fx.GraphModule, sizes: SymbolicSizes, args: Sequence, whole: bool = False) -> fx.GraphModule:
+    """A static copy of ``gm`` for ``args`` (real tensors and numbers, as the call passes them).
+    ``whole``: every node runs again (by default only those whose values change with the sizes)."""
     binding = sizes.binding(args)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     for i, ph in enumerate(placeholders):
@@ -100,7 +101,7 @@ def specialize(gm: fx.GraphModule, sizes: SymbolicSizes, args: Sequence) -> fx.G
     if any(isinstance(getattr(out, n.target, None), fx.GraphModule) for n in out.graph.find_nodes(op="get_attr")):
         raise NotBatchable("a subgraph call stayed after inlining: its body's sizes would stay symbolic")
     symbolic = {n for n in out.graph.nodes if _is_symbolic(example_value(n))}
-    if not _rerun_changing_values(out, symbolic, args):
+    if whole or not _rerun_changing_values(out, symbolic, args):
         mode = FakeTensorMode()
         _StaticValues(out, mode).run(*_static_fakes(mode, args))
         counters["specialize"]["graphs_run_whole"] += 1
