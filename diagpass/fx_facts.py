@@ -14,6 +14,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from diagpass.ir.meta import PRIVATE_WRITE
 
@@ -155,6 +156,19 @@ def copy_graph_module(gm: fx.GraphModule) -> Tuple[fx.GraphModule, Dict[fx.Node,
     new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     new.meta = dict(gm.meta)
     return new, val_map
+
+
+def storages_of(value) -> frozenset:
+    """The storages of the tensors in ``value`` (any pytree), as ``StorageWeakRef``s; a
+    tensor without a plain storage (sparse, nested) has none."""
+    out = set()
+    for leaf in torch.utils._pytree.tree_leaves(value):
+        if isinstance(leaf, torch.Tensor):
+            try:
+                out.add(StorageWeakRef(leaf.untyped_storage()))
+            except (RuntimeError, NotImplementedError):
+                continue
+    return frozenset(out)
 
 
 def example_value(node: fx.Node):

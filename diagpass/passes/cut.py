@@ -153,9 +153,9 @@ def _cut_regions(gm: fx.GraphModule, regions: Dict[int, List[fx.Node]], prefix: 
     new = fx.GraphModule(root, out, class_name=type(gm).__name__)
     new.meta = dict(gm.meta)
     restore_autocast_regions(new)  # the prologue's and epilogue's nodes (each step restores its own)
-    steps = {name: m for name, m in new.named_children() if "structure" in m.meta}
-    glue = sum(name.endswith(("_enter", "_leave")) for name in steps)
-    return Steps(new, len(steps) - glue, len({m.meta["structure"] for m in steps.values()}), glue)
+    steps = [m for _, m in new.named_children() if "structure" in m.meta]
+    glue = sum(not is_outer(r) and r != int(r) for r in regions)  # entering and leaving regions
+    return Steps(new, len(steps) - glue, len({m.meta["structure"] for m in steps}), glue)
 
 
 def topological(gm: fx.GraphModule, order: List[fx.Node]) -> bool:

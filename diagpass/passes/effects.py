@@ -28,20 +28,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from diagpass.counters import counters
 from diagpass.errors import NotBatchable
-from diagpass.fx_facts import example_value
+from diagpass.fx_facts import example_value, storages_of
 
 Storage = StorageWeakRef
-
-
-def _storages(value) -> FrozenSet[Storage]:
-    out = set()
-    for leaf in pytree.tree_leaves(value):
-        if isinstance(leaf, torch.Tensor):
-            try:
-                out.add(StorageWeakRef(leaf.untyped_storage()))
-            except (RuntimeError, NotImplementedError):  # sparse, nested: no plain storage
-                continue
-    return frozenset(out)
 
 
 class MetadataWrite(Exception):
@@ -70,7 +59,7 @@ class _WriteRecorder(TorchDispatchMode):
                 if info is None or not info.is_write:
                     continue
                 value = args[i] if i < len(args) and not arg.kwarg_only else kwargs.get(arg.name)
-                self.written |= _storages(value)
+                self.written |= storages_of(value)
         return func(*args, **kwargs)
 
 
@@ -96,13 +85,13 @@ class _EffectsInterpreter(fx.Interpreter):
     def run_node(self, n: fx.Node):
         if n.op in ("placeholder", "get_attr", "output"):
             result = super().run_node(n)
-            self.storages[n] = _storages(result)
+            self.storages[n] = storages_of(result)
             return result
         if isinstance(n.target, torch._ops.HigherOrderOperator):
             # A dispatch mode needs a rule per higher-order op; Dynamo's speculation
             # of their bodies (checkpoint, cond, ...) already refuses writes to inputs.
             result = super().run_node(n)
-            self.storages[n] = _storages(result)
+            self.storages[n] = storages_of(result)
             return result
         received = set().union(*(self.storages.get(a, frozenset()) for a in n.all_input_nodes))
         recorder = _WriteRecorder()
@@ -114,7 +103,7 @@ class _EffectsInterpreter(fx.Interpreter):
             same = [a for a in n.all_input_nodes if self.env.get(a) is result]
             if same:
                 self.returns_input[n] = same[0]
-        self.storages[n] = _storages(result)
+        self.storages[n] = storages_of(result)
         return result
 
 
@@ -186,7 +175,7 @@ def _effects_of_suspects(gm: fx.GraphModule, mode) -> Optional[Effects]:
         for n in suspects
     ):
         return None
-    storages = {n: _storages(example_value(n)) for n in gm.graph.nodes if n.op != "output"}
+    storages = {n: storages_of(example_value(n)) for n in gm.graph.nodes if n.op != "output"}
     writes, returns_input = {}, {}
     seen: Dict[tuple, tuple] = {}  # signature -> (written argument positions, position of the returned one)
     for n in suspects:

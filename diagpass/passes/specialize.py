@@ -36,12 +36,11 @@ import sympy
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_flatten
 
 from diagpass.counters import counters
 from diagpass.errors import NotBatchable
-from diagpass.fx_facts import copy_graph_module, example_value
+from diagpass.fx_facts import copy_graph_module, example_value, storages_of
 from diagpass.passes.inline_subgraphs import inline_subgraphs
 
 SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
@@ -126,8 +125,8 @@ def _rerun_changing_values(gm: fx.GraphModule, symbolic: set, args: Sequence) ->
     rerun = _changing(gm, symbolic)
     changing_inputs = [a for ph, a in zip(placeholders, args) if ph in rerun and isinstance(a, torch.Tensor)]
     others = [a for ph, a in zip(placeholders, args) if ph not in rerun]
-    if any(a.storage_offset() for a in changing_inputs) or len(_storages(changing_inputs)) != len(changing_inputs) \
-            or _storages(changing_inputs) & _storages(others):
+    if any(a.storage_offset() for a in changing_inputs) or len(storages_of(changing_inputs)) != len(changing_inputs) \
+            or storages_of(changing_inputs) & storages_of(others):
         return False  # fresh fakes would not share what the arguments share
     if any(isinstance(a, torch.Tensor) and not isinstance(example_value(ph), FakeTensor)
            for ph, a in zip(placeholders, args) if ph not in rerun):
@@ -153,15 +152,11 @@ def _changing(gm: fx.GraphModule, symbolic: set) -> set:
     """The nodes whose values change with the sizes (``_rerun_changing_values``)."""
     changing, storages = set(), set()
     for n in gm.graph.nodes:
-        mine = _storages(example_value(n))
+        mine = storages_of(example_value(n))
         if n in symbolic or (mine & storages and any(a in changing for a in n.all_input_nodes)):
             changing.add(n)
             storages |= mine
     return changing
-
-
-def _storages(value) -> set:
-    return {StorageWeakRef(t.untyped_storage()) for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)}
 
 
 def _unsafe_set_versions(pairs) -> None:

@@ -59,10 +59,10 @@ from typing import Dict, List, Optional, Set, Tuple
 
 import torch.fx as fx
 
+from diagpass.counters import counters
 from diagpass.fx_facts import is_random, module_structure, width_free_structure
 from diagpass.ir.meta import GROUP_INPUT, WAVEFRONT, WEIGHT_STACK
 from diagpass.passes.autocast import without_restored_regions
-from diagpass.counters import counters
 from diagpass.passes.cut import (EPILOGUE, PROLOGUE, Steps, cut, entering, graph_input_storages, is_number, is_outer,
                                  is_view, leaving, reads_only_prologue, views_an_input)
 from diagpass.passes.width_free import width_free
