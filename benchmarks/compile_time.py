@@ -29,7 +29,8 @@ Each (S, L, mode) runs in a fresh subprocess (no warm caches). Modes:
               dynamic (the second count of --model family) compiled once for all sizes
 --model: the reference ARMT-LLaMA (Dynamo specialises its length while tracing, so
 every count's graph is static) or the associative family model (the second count's
-graph keeps the length symbolic).
+graph keeps the length symbolic); ``--family memory_kind=gated ffn_kind=swiglu`` sets
+other ``FamilyConfig`` fields (the held-out kinds of issue 16's check).
 ``kernels``: roll's kernels, or the segment or wavefront steps compiled.
 Columns: dynamo_s (Dynamo trace: call start -> backend entered), backend_s
 (passes + inner compile + kernel compiles during the first call), first_s
@@ -60,8 +61,10 @@ CHILD = textwrap.dedent(
     torch.manual_seed(0)
     if os.environ.get("DIAGPASS_BENCH_MODEL", "armt") == "family":
         from diagpass.models.family import FamilyConfig, build_family_model
+        kinds = json.loads(os.environ.get("DIAGPASS_BENCH_FAMILY", "{}"))
+        config = {"memory_kind": "associative", **kinds}
         model = build_family_model(FamilyConfig(vocab_size=128, d_model=64, n_layers=L, n_heads=2, d_ff=128,
-                                                segment_size=8, num_mem_tokens=2, memory_kind="associative"), seed=0).eval()
+                                                segment_size=8, num_mem_tokens=2, **config), seed=0).eval()
     else:
         model = build_armt("llama", num_layers=L, segment_size=8, num_mem_tokens=2, d_mem=8)
         randomize_memory_(model)
@@ -96,7 +99,8 @@ CHILD = textwrap.dedent(
     row = {"S": S, "L": L, "mode": mode, "dynamo_s": dynamo, "backend_s": (t1 - t0) - dynamo - min(times),
            "first_s": t1 - t0, "steady_ms": 1e3 * statistics.median(times), "nodes": rep.num_nodes,
            "kernels": kernels(), "max_diff": diff,
-           "err_vs_fp64": err, "eager_err_vs_fp64": eager_err}
+           "err_vs_fp64": err, "eager_err_vs_fp64": eager_err,
+           "family": json.loads(os.environ.get("DIAGPASS_BENCH_FAMILY", "{}"))}
     if len(sys.argv) > 4:  # a second segment count: what a new input length costs
         S2 = int(sys.argv[4])
         ids2 = torch.randint(0, 128, (1, 8 * S2))
@@ -151,6 +155,11 @@ def table(rows) -> str:
     return "\n".join(out)
 
 
+def _field(text: str) -> tuple:
+    name, _, value = text.partition("=")
+    return name, {"true": True, "false": False}.get(value.lower(), value)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="S in {8, 32}, L = 8, rolled and diagonal only")
@@ -160,10 +169,13 @@ def main(argv=None) -> None:
     ap.add_argument("--modes", nargs="*", default=None)
     ap.add_argument("--json", default=None, help="write rows here")
     ap.add_argument("--model", choices=["armt", "family"], default="armt")
+    ap.add_argument("--family", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="with --model family: FamilyConfig fields (memory_kind=gated norm_kind=rmsnorm ...)")
     ap.add_argument("--second-segments", type=int, default=0,
                     help="after the first count, call with this many segments: backend time of a new count")
     args = ap.parse_args(argv)
     os.environ["DIAGPASS_BENCH_MODEL"] = args.model
+    os.environ["DIAGPASS_BENCH_FAMILY"] = json.dumps(dict(_field(f) for f in args.family))
     segments = args.segments or ([8, 32] if args.quick else [8, 32, 128])
     layers = args.layers or ([8] if args.quick else [4, 8, 16])
     modes = args.modes or (["rolled", "sequential"] if args.quick else ["rolled", "diagonal", "sequential"])

@@ -14,6 +14,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from diagpass.ir.meta import PRIVATE_WRITE
@@ -153,9 +154,16 @@ def copy_graph_module(gm: fx.GraphModule) -> Tuple[fx.GraphModule, Dict[fx.Node,
     old_out = next(iter(gm.graph.find_nodes(op="output")))
     out.meta = dict(old_out.meta)
     val_map[old_out] = out
-    new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    new = graph_module(gm, graph, type(gm).__name__)
     new.meta = dict(gm.meta)
     return new, val_map
+
+
+def graph_module(root, graph: fx.Graph, class_name: str = "GraphModule") -> fx.GraphModule:
+    """``fx.GraphModule(root, graph)`` whose Python code is generated on first use (a
+    call, ``.code``), as Dynamo's and Inductor's own graph modules: a pass's graph of
+    ten thousand nodes is mostly read as a graph, never run as Python."""
+    return _LazyGraphModule(root, graph, class_name=class_name)
 
 
 def storages_of(value) -> frozenset:

@@ -42,7 +42,7 @@ import torch
 import torch.fx as fx
 
 from diagpass.counters import counters
-from diagpass.fx_facts import example_value
+from diagpass.fx_facts import example_value, graph_module
 from diagpass.ir.cell_graph import CellGraph
 from diagpass.ir.cells import Cell, CellGrid
 from diagpass.ir.meta import AUTOCAST, COPIED, REPLACES, WAVEFRONT, WEIGHT_STACK
@@ -345,6 +345,6 @@ def batch_wavefronts(
         if node.op in ("get_attr", "call_module") and node.target not in root:
             root[node.target] = _lookup(gm, node.target)
     em.graph.lint()
-    new_gm = fx.GraphModule(root, em.graph, class_name=type(gm).__name__)
+    new_gm = graph_module(root, em.graph, type(gm).__name__)
     new_gm.meta = dict(gm.meta)
     return BatchedGraph(new_gm, tuple(done), tuple(em.causes))

@@ -36,7 +36,7 @@ import torch.fx as fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from diagpass.counters import counters
-from diagpass.fx_facts import example_value, graph_structure
+from diagpass.fx_facts import example_value, graph_module, graph_structure
 from diagpass.ir.meta import AUTOCAST, REPLACES
 from diagpass.passes.autocast import restore_autocast_regions
 
@@ -150,7 +150,7 @@ def _cut_regions(gm: fx.GraphModule, regions: Dict[int, List[fx.Node]], prefix: 
         if n.op == "get_attr":
             root[n.target] = operator.attrgetter(n.target)(gm)
     out.lint()
-    new = fx.GraphModule(root, out, class_name=type(gm).__name__)
+    new = graph_module(root, out, type(gm).__name__)
     new.meta = dict(gm.meta)
     restore_autocast_regions(new)  # the prologue's and epilogue's nodes (each step restores its own)
     steps = [m for _, m in new.named_children() if "structure" in m.meta]
@@ -240,7 +240,7 @@ def _region(gm: fx.GraphModule, nodes: List[fx.Node]) -> Tuple[fx.GraphModule, l
     for o in outputs:
         _require_tensor(o)
     g.output(tuple(env[o] for o in outputs))
-    sub = fx.GraphModule(gm, g, class_name="Step")
+    sub = graph_module(gm, g, "Step")
     restore_autocast_regions(sub)  # a region the cut splits is entered again in every step it spans
     sub.meta["structure"] = graph_structure(sub)
     return sub, inputs, outputs

@@ -26,6 +26,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch.fx as fx
 
+from diagpass.fx_facts import graph_module
 from diagpass.ir.meta import WEIGHT_STACK
 
 
@@ -55,6 +56,6 @@ def lift_weight_stacks(gm: fx.GraphModule, roles: Sequence[str]) -> Optional[Lif
                 if role in stacks:
                     ph.meta = dict(stacks[role].meta)
                     env[stacks[role]] = ph
-    lifted = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    lifted = graph_module(gm, graph, type(gm).__name__)
     lifted.meta = dict(gm.meta)
     return LiftedStacks(lifted, tuple(roles))
