@@ -34,7 +34,9 @@ other ``FamilyConfig`` fields (the held-out kinds of issue 16's check).
 ``kernels``: roll's kernels, or the segment or wavefront steps compiled.
 Columns: dynamo_s (Dynamo trace: call start -> backend entered), backend_s
 (passes + inner compile + kernel compiles during the first call), first_s
-(first call total), steady_ms (median of 5 calls), max abs diff of the output vs
+(first call total), steady_ms (median of the 5 calls after it), later_s (what those 5
+calls took beyond 5 steady ones: variants compiled on a later call, e.g. the sequential
+graph a measured choice times against the batched one), max abs diff of the output vs
 eager fp32, and the error of both vs an fp64 run (the randomised memory makes the
 recurrence chaotic: at L=8 eager fp32 itself is 5e-5 off fp64 at S=32, 0.04 at
 S=64, 0.8 at S=128; the compiled run is judged by the same yardstick).
@@ -98,6 +100,7 @@ CHILD = textwrap.dedent(
     dynamo = rep.timings["entered_at"] - t0
     row = {"S": S, "L": L, "mode": mode, "dynamo_s": dynamo, "backend_s": (t1 - t0) - dynamo - min(times),
            "first_s": t1 - t0, "steady_ms": 1e3 * statistics.median(times), "nodes": rep.num_nodes,
+           "later_s": sum(times) - len(times) * statistics.median(times),
            "kernels": kernels(), "max_diff": diff,
            "err_vs_fp64": err, "eager_err_vs_fp64": eager_err,
            "family": json.loads(os.environ.get("DIAGPASS_BENCH_FAMILY", "{}"))}
@@ -116,6 +119,7 @@ CHILD = textwrap.dedent(
                    second_batched=rep2.batched,
                    second_view_calls=counters["stacked_weights"]["view_calls"],
                    second_backend_s=(b - a) - (rep2.timings["entered_at"] - a) - steady2,
+                   second_later_s=sum(steady) - len(steady) * steady2,
                    second_kernels=kernels() - row["kernels"])
     print(json.dumps(row))
     """
@@ -189,11 +193,14 @@ def main(argv=None) -> None:
     seconds = [r for r in rows if "second_S" in r]
     if seconds:
         print("\n| S | then S | mode | backend s, first count | backend s, second count | ratio | new kernels "
-              "| second count: batched, steady ms, calls reading stored stacks |\n|---|---|---|---:|---:|---:|---:|---|")
+              "| later calls s: first count, second count | ratio with later calls "
+              "| second count: batched, steady ms, calls reading stored stacks |\n|---|---|---|---:|---:|---:|---:|---|---:|---|")
         for r in seconds:
+            first, second = r["backend_s"] + r.get("later_s", 0), r["second_backend_s"] + r.get("second_later_s", 0)
             print(f"| {r['S']} | {r['second_S']} | {r['mode']} | {r['backend_s']:.1f} | {r['second_backend_s']:.1f} | "
-                  f"{r['second_backend_s'] / r['backend_s']:.2f} | {r['second_kernels']} | {r['second_batched']}, "
-                  f"{r['second_steady_ms']:.1f}, {r['second_view_calls']} |")
+                  f"{r['second_backend_s'] / r['backend_s']:.2f} | {r['second_kernels']} | "
+                  f"{r.get('later_s', float('nan')):.1f}, {r.get('second_later_s', float('nan')):.1f} | {second / first:.2f} | "
+                  f"{r['second_batched']}, {r['second_steady_ms']:.1f}, {r['second_view_calls']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

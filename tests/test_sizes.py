@@ -35,7 +35,7 @@ def _tensor_attributes(model: torch.nn.Module) -> dict:
             if isinstance(v, torch.Tensor)}
 
 
-@pytest.mark.parametrize("form", ["armt", "family", "layer_major"])
+@pytest.mark.parametrize("form", [pytest.param("armt", marks=pytest.mark.slow), "family", pytest.param("layer_major", marks=pytest.mark.slow)])
 def test_weights_stored_stacked_are_read_as_stacks_on_every_segment_count(form):
     """ARMT's second count: Dynamo specialised the length while tracing (a SymInt of a
     constant); the family forms': the length stays a symbol, and is specialised here."""
@@ -80,7 +80,7 @@ def test_state_in_attribute_forms_compile_no_new_wavefront_step_on_a_second_coun
     assert diagpass.counters["specialize"]["graphs_compiled"] == 1
 
 
-@pytest.mark.parametrize("how", ["dynamic=True", "mark_dynamic", "option 0"])
+@pytest.mark.parametrize("how", [pytest.param("dynamic=True", marks=pytest.mark.slow), "mark_dynamic", pytest.param("option 0", marks=pytest.mark.slow)])
 def test_asked_for_dynamic_shapes_compile_one_graph_for_all_sizes(how):
     model = research_shape("family")  # keeps the length symbolic (ARMT's forward specialises it)
     options = {"inner": "aot_eager", **({"max_size_specializations": 0} if how == "option 0" else {})}
@@ -95,6 +95,7 @@ def test_asked_for_dynamic_shapes_compile_one_graph_for_all_sizes(how):
     assert c["graphs_specialized"] == 0 and c["graphs_compiled"] == 0
 
 
+@pytest.mark.slow
 def test_sizes_past_the_limit_run_one_graph_for_all_sizes_and_match(caplog):
     model = _armt(stacked=False)
     compiled = torch.compile(model, backend="diagonal", options={"inner": "aot_eager", "max_size_specializations": 1})

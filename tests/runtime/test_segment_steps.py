@@ -150,7 +150,7 @@ def test_a_model_under_autocast_runs_as_steps_and_matches_eager():
 
 
 
-@pytest.mark.parametrize("form", ["layer_major", "official_horizontal"])
+@pytest.mark.parametrize("form", [pytest.param("layer_major", marks=pytest.mark.slow), "official_horizontal"])
 def test_a_second_segment_count_of_layer_major_loops_compiles_no_new_step(form):
     """Layer-major loops cat each layer's segments and slice them again. In the second
     count's dynamic graph the last piece is symbolic; seen through all the same, no

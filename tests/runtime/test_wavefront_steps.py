@@ -54,7 +54,9 @@ def test_a_new_segment_count_compiles_only_the_wavefronts_it_has_not_met():
     assert c["graphs_compiled_whole"] == 0  # a hit passes the site's own tensors to the kernel
 
 
-@pytest.mark.parametrize("symbolic_width, glue_steps, new_steps", [(True, True, 0), (True, False, 2), (False, True, 5)])
+# the defaults in the default suite; each option off (a minute each here) with the slow cases
+@pytest.mark.parametrize("symbolic_width, glue_steps, new_steps", [
+    (True, True, 0), pytest.param(True, False, 2, marks=pytest.mark.slow), pytest.param(False, True, 5, marks=pytest.mark.slow)])
 def test_a_segment_count_below_L_then_above_compiles_only_the_kinds_of_wavefront_it_has_not_met(
         symbolic_width, glue_steps, new_steps):
     """S = 3 < L = 5 meets the ramps at widths up to 2 only. With symbolic widths and the
@@ -106,7 +108,7 @@ def test_a_model_under_autocast_batches_as_wavefront_steps_and_matches_eager():
 
 
 
-@pytest.mark.parametrize("form", ["family", "layer_major", "official_horizontal"])
+@pytest.mark.parametrize("form", ["family", pytest.param("layer_major", marks=pytest.mark.slow), "official_horizontal"])
 def test_a_second_segment_count_of_research_shapes_compiles_no_new_step(form):
     """The second count's graph is dynamic (the length symbolic). Its size arithmetic
     (``sym_sum``, a slice's end) is glue in the prologue, not part of the group that first
