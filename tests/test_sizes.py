@@ -54,7 +54,7 @@ def test_weights_stored_stacked_are_read_as_stacks_on_every_segment_count(form):
         assert_matches_eager(model, out, ids)
 
 
-@pytest.mark.parametrize("shape", ["family", "official"])
+@pytest.mark.parametrize("shape", [pytest.param("family", marks=pytest.mark.slow), "official"])
 def test_state_in_attribute_forms_compile_no_new_wavefront_step_on_a_second_count(shape):
     if shape == "family":
         cfg = FamilyConfig(vocab_size=128, d_model=32, n_layers=3, n_heads=2, d_ff=64, segment_size=8,
@@ -112,6 +112,7 @@ def test_sizes_past_the_limit_run_one_graph_for_all_sizes_and_match(caplog):
     assert "met more than 1 sets of input sizes" in caplog.text
 
 
+@pytest.mark.slow  # gradients on the default path: tests/runtime/test_wavefront_steps.py
 def test_gradients_of_a_second_segment_count_match_eager():
     model = research_shape("family").train()
     compiled = torch.compile(model, backend="diagonal", options={"inner": "aot_eager", "cost_model": False})

@@ -151,6 +151,7 @@ def _second_count_saved_bytes(model, segments=(S, S + 3)) -> int:
     return total[0]
 
 
+@pytest.mark.slow
 def test_a_second_segment_count_of_checkpointed_cells_still_recomputes_with_exact_gradients():
     """The static graph of the second count inlines the checkpoint bodies with their tags too."""
     from diagpass.testing import gradients

@@ -108,7 +108,7 @@ def test_a_model_under_autocast_batches_as_wavefront_steps_and_matches_eager():
 
 
 
-@pytest.mark.parametrize("form", ["family", pytest.param("layer_major", marks=pytest.mark.slow), "official_horizontal"])
+@pytest.mark.parametrize("form", [pytest.param("family", marks=pytest.mark.slow), pytest.param("layer_major", marks=pytest.mark.slow), "official_horizontal"])
 def test_a_second_segment_count_of_research_shapes_compiles_no_new_step(form):
     """The second count's graph is dynamic (the length symbolic). Its size arithmetic
     (``sym_sum``, a slice's end) is glue in the prologue, not part of the group that first
