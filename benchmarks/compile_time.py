@@ -60,11 +60,11 @@ CHILD = textwrap.dedent(
     from diagpass.models.armt import build_armt, randomize_memory_
     import diagpass
     S, L, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    family = json.loads(os.environ.get("DIAGPASS_BENCH_FAMILY", "{}"))
     torch.manual_seed(0)
     if os.environ.get("DIAGPASS_BENCH_MODEL", "armt") == "family":
         from diagpass.models.family import FamilyConfig, build_family_model
-        kinds = json.loads(os.environ.get("DIAGPASS_BENCH_FAMILY", "{}"))
-        config = {"memory_kind": "associative", **kinds}
+        config = {"memory_kind": "associative", **family}
         model = build_family_model(FamilyConfig(vocab_size=128, d_model=64, n_layers=L, n_heads=2, d_ff=128,
                                                 segment_size=8, num_mem_tokens=2, **config), seed=0).eval()
     else:
@@ -103,7 +103,7 @@ CHILD = textwrap.dedent(
            "later_s": sum(times) - len(times) * statistics.median(times),
            "kernels": kernels(), "max_diff": diff,
            "err_vs_fp64": err, "eager_err_vs_fp64": eager_err,
-           "family": json.loads(os.environ.get("DIAGPASS_BENCH_FAMILY", "{}"))}
+           "family": family}
     if len(sys.argv) > 4:  # a second segment count: what a new input length costs
         S2 = int(sys.argv[4])
         ids2 = torch.randint(0, 128, (1, 8 * S2))

@@ -33,10 +33,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
-from torch.multiprocessing.reductions import StorageWeakRef
 
 from diagpass.counters import counters
-from diagpass.fx_facts import example_value, graph_module, graph_structure
+from diagpass.fx_facts import example_value, graph_module, graph_structure, storages_of
 from diagpass.ir.meta import AUTOCAST, REPLACES
 from diagpass.passes.autocast import restore_autocast_regions
 
@@ -168,13 +167,13 @@ def topological(gm: fx.GraphModule, order: List[fx.Node]) -> bool:
 
 
 def graph_input_storages(gm: fx.GraphModule) -> set:
-    return set().union(*(storages(example_value(n)) for n in gm.graph.nodes if n.op in ("placeholder", "get_attr")))
+    return set().union(*(storages_of(example_value(n)) for n in gm.graph.nodes if n.op in ("placeholder", "get_attr")))
 
 
 def is_view(n: fx.Node) -> bool:
     """Whether ``n``'s value shares the storage of one of its inputs' values."""
-    mine = storages(example_value(n))
-    return bool(mine) and any(mine <= storages(example_value(a)) for a in n.all_input_nodes)
+    mine = storages_of(example_value(n))
+    return bool(mine) and any(mine <= storages_of(example_value(a)) for a in n.all_input_nodes)
 
 
 def is_number(n: fx.Node) -> bool:
@@ -190,14 +189,9 @@ def reads_only_prologue(n: fx.Node, place: Dict[fx.Node, tuple]) -> bool:
     return all(a.op in ("placeholder", "get_attr") or place[a][0] == PROLOGUE for a in n.all_input_nodes)
 
 
-def storages(v) -> set:
-    values = v if isinstance(v, (tuple, list)) else (v,)
-    return {StorageWeakRef(t.untyped_storage()) for t in values if isinstance(t, torch.Tensor)}
-
-
 def views_an_input(n: fx.Node, inputs: set) -> bool:
     """Whether ``n``'s value (a tensor, or a tuple of them: a split) shares a graph input's storage."""
-    mine = storages(example_value(n))
+    mine = storages_of(example_value(n))
     return bool(mine) and mine <= inputs
 
 
